@@ -170,6 +170,7 @@ class Loaded:
     device: torch.device
     dtype: torch.dtype  # compute dtype (bf16 autocast or fp32)
     source: str
+    initial_adapter: Adapter | None = None  # the seeded LoRA init: round 0 of every run
 
     def autocast(self):
         """bf16 autocast where chosen; a no-op context in fp32."""
@@ -219,6 +220,7 @@ def attach_lora(loaded: Loaded, cfg: LoraConfig, seed: int) -> None:
             bias="none", task_type="CAUSAL_LM"))
     except ValueError as e:
         raise FeditError(f"lora.target_modules = {list(cfg.target_modules)}: {e}") from None
+    loaded.initial_adapter = get_adapter(loaded.model)
 
 
 # ---------------------------------------------------------------- the adapter door

@@ -23,7 +23,7 @@ from fedit.data.batches import Example
 from fedit.errors import FeditError
 from fedit.evaluation.loss import heldout_loss
 from fedit.evaluation.plots import plot_loss
-from fedit.model import Adapter, Loaded, attach_lora, get_adapter, load_base, save_adapter
+from fedit.model import Adapter, Loaded, attach_lora, load_base, save_adapter
 from fedit.runtime.simulation import Simulation
 
 
@@ -80,7 +80,7 @@ def run(cfg: Config, resume: str | None = None, console=None, loaded: Loaded | N
     progress = _Progress(cfg, console) if console is not None and cfg.run.progress else None
     sim = Simulation(prep.loaded, prep.clients, cfg, on_client=progress.client if progress else None)
     with progress.live() if progress else _nothing():
-        server.run(cfg, sim, run_dir, client_ids=prep.clients.ids, initial_adapter=get_adapter(prep.loaded.model),
+        server.run(cfg, sim, run_dir, client_ids=prep.clients.ids, initial_adapter=prep.loaded.initial_adapter,
                    save_adapter=prep.save, evaluate=lambda a: prep.evaluate(a, cfg.eval.batch_size), resume=bool(resume),
                    hooks=progress.hooks() if progress else None, meta=run_metadata(cfg, prep.loaded))
     rd = server.RunDir(run_dir)

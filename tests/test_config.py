@@ -1,0 +1,59 @@
+import pytest
+
+from fedit import config
+from fedit.errors import FeditError
+
+
+def test_defaults_follow_the_paper():
+    cfg = config.load()
+    assert cfg.lora.r == 8 and cfg.train.lr == 1.5e-4 and cfg.train.batch_size == 32
+    assert cfg.federation.rounds == 20 and cfg.federation.clients_per_round == 5
+    assert cfg.train.cutoff_len == 512 and cfg.lora.target_modules == ("all-linear",)
+
+
+def test_file_plus_overrides(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text('[train]\nlr = 3e-4\nmicro_batch_size = 4\n[lora]\ntarget_modules = ["q_proj", "v_proj"]\n')
+    cfg = config.load(f, ["train.lr=1e-3", "federation.rounds=3", "run.out=runs/x", "model.dtype=fp32"])
+    assert cfg.train.lr == 1e-3 and cfg.train.micro_batch_size == 4
+    assert cfg.federation.rounds == 3 and cfg.run.out == "runs/x" and cfg.model.dtype == "fp32"
+    assert cfg.lora.target_modules == ("q_proj", "v_proj")
+
+
+def test_every_problem_reported_at_once(tmp_path):
+    with pytest.raises(FeditError) as e:
+        config.load(None, ["train.lr=-1", "train.nope=3", "lora.r=two", "model.dtype=fp16", "bogus.x=1",
+                           "federation.strategy=fedfoo", "noequals"])
+    msg = str(e.value)
+    for part in ["train.lr = -1", "unknown key train.nope", "lora.r = 'two'", "model.dtype = 'fp16'",
+                 "unknown section [bogus]", "'noequals' must look like section.key=value"]:
+        assert part in msg, part
+    assert msg.startswith("6 problem(s)")
+
+
+def test_cross_field_checks():
+    with pytest.raises(FeditError, match="multiple of train.micro_batch_size"):
+        config.load(None, ["train.batch_size=10", "train.micro_batch_size=4"])
+    with pytest.raises(FeditError, match="choose one of fedavg"):
+        config.load(None, ["federation.strategy=fedfoo"])
+
+
+def test_bad_toml_and_missing_file(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train\nlr=")
+    with pytest.raises(FeditError, match="not valid TOML"):
+        config.load(bad)
+    with pytest.raises(FeditError, match="does not exist"):
+        config.load(tmp_path / "missing.toml")
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = config.load(None, ["train.lr=2e-4", "data.clients_dir=a b/\"c\"", "lora.target_modules=q_proj,k_proj"])
+    f = tmp_path / "resolved.toml"
+    f.write_text(config.to_toml(cfg))
+    assert config.load(f) == cfg
+
+
+def test_describe_lists_every_key():
+    text = config.describe()
+    assert "train.micro_batch_size" in text and "federation.min_replies" in text
