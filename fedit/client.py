@@ -31,6 +31,14 @@ class Update:
     metrics: dict = field(default_factory=dict)
 
 
+@dataclass
+class Failure:
+    """A selected client that sent no usable reply (crashed, timed out, unreachable), and why."""
+
+    client_id: int
+    reason: str
+
+
 def seed_for(seed: int, round_num: int, client_id: int) -> int:
     """One seed per (run, round, client): a client's training depends on nothing else, so resume is exact."""
     return int(np.random.SeedSequence([seed, round_num, client_id]).generate_state(1)[0])

@@ -24,7 +24,7 @@ import torch
 
 from fedit import config as config_mod
 from fedit.checkpoint import atomic_write, atomic_write_json
-from fedit.client import Update
+from fedit.client import Failure, Update
 from fedit.config import Config
 from fedit.errors import FeditError
 from fedit.model import Adapter, load_adapter_file
@@ -34,7 +34,10 @@ log = logging.getLogger(__name__)
 
 
 class Runtime(Protocol):
-    def fit(self, round_num: int, client_ids: list[int], global_adapter: Adapter) -> Iterable[Update]: ...
+    """Trains the selected clients from the global adapter; yields an Update per reply, or a
+    Failure for a client that did not reply (the loop logs it and goes on without it)."""
+
+    def fit(self, round_num: int, client_ids: list[int], global_adapter: Adapter) -> Iterable[Update | Failure]: ...
 
 
 @dataclass
@@ -135,9 +138,14 @@ def run(cfg: Config, runtime: Runtime, run_dir: str | Path, *, client_ids: list[
         hooks.round_start(r, selected)
         rejected: list[dict] = []
 
-        def accepted(updates: Iterable[Update]) -> Iterator[Update]:
+        def accepted(updates: Iterable[Update | Failure]) -> Iterator[Update]:
             # A bad update is logged with its reason and left out: it never reaches the average.
             for u in updates:
+                if isinstance(u, Failure):
+                    rd.append(event="client", round=r, client=u.client_id, accepted=False, reason=u.reason)
+                    log.warning("round %d: client %s dropped: %s", r, u.client_id, u.reason)
+                    rejected.append({"client": u.client_id, "reason": u.reason})
+                    continue
                 problem = check_update(u, global_adapter)
                 rd.append(event="client", round=r, client=u.client_id, num_examples=u.num_examples,
                           accepted=problem is None, reason=problem, **u.metrics)
