@@ -25,6 +25,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from fedit.checkpoint import atomic_dir
@@ -171,6 +172,13 @@ class Loaded:
     dtype: torch.dtype  # compute dtype (bf16 autocast or fp32)
     source: str
     initial_adapter: Adapter | None = None  # the seeded LoRA init: round 0 of every run
+    dropout_rng: "DropoutRNG | None" = None  # FastDropout's stream (CPU), seeded with torch's
+
+    def seed(self, seed: int) -> None:
+        """Seed every random draw of training: torch's and FastDropout's."""
+        torch.manual_seed(seed)
+        if self.dropout_rng is not None:
+            self.dropout_rng.seed(seed)
 
     def autocast(self):
         """bf16 autocast where chosen; a no-op context in fp32."""
@@ -220,7 +228,64 @@ def attach_lora(loaded: Loaded, cfg: LoraConfig, seed: int) -> None:
             bias="none", task_type="CAUSAL_LM"))
     except ValueError as e:
         raise FeditError(f"lora.target_modules = {list(cfg.target_modules)}: {e}") from None
+    if loaded.device.type == "cpu":
+        _speed_up_lora_on_cpu(loaded)
     loaded.initial_adapter = get_adapter(loaded.model)
+
+
+class DropoutRNG:
+    """The random stream of every FastDropout of a model; reseeded per client and round."""
+
+    def __init__(self, seed: int = 0):
+        self.gen = np.random.Generator(np.random.PCG64(seed))
+
+    def seed(self, seed: int) -> None:
+        self.gen = np.random.Generator(np.random.PCG64(seed))
+
+
+class FastDropout(torch.nn.Module):
+    """Inverted dropout, distributed as torch.nn.Dropout, with masks drawn by numpy's PCG64.
+
+    On CPU torch draws dropout masks with bernoulli_ at ~25M numbers/s; with LoRA on all
+    linear layers (7 dropouts per decoder layer over full activations) that cost more than
+    the matmuls. Drawing 16-bit uniforms from PCG64 is ~10x cheaper. The keep probability is
+    1 - round(p * 65536) / 65536, within 1e-5 of 1 - p.
+    """
+
+    def __init__(self, p: float, rng: DropoutRNG):
+        super().__init__()
+        self.p, self.rng = p, rng
+        self.threshold = int(round(p * 65536))
+        self.scale = 1.0 / (1.0 - self.threshold / 65536)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.threshold == 0:
+            return x
+        bits = np.frombuffer(self.rng.gen.bytes(x.numel() * 2), dtype=np.uint16).reshape(x.shape)
+        keep = torch.from_numpy(bits >= self.threshold)
+        return x * keep * self.scale
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+def _speed_up_lora_on_cpu(loaded: Loaded) -> None:
+    """CPU-only changes to the LoRA layers that keep the maths and cut the time.
+
+    - dropout masks from FastDropout instead of torch's bernoulli_;
+    - no cast of each layer's input to the fp32 adapter dtype: under bf16 autocast the
+      LoRA matmuls run in bf16 anyway, so the fp32 copy of every activation was pure cost.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    loaded.dropout_rng = DropoutRNG()
+    for module in loaded.model.modules():
+        if isinstance(module, LoraLayer):
+            if loaded.dtype == torch.bfloat16:
+                module.cast_input_dtype_enabled = False
+            for name, drop in module.lora_dropout.items():
+                if isinstance(drop, torch.nn.Dropout):
+                    module.lora_dropout[name] = FastDropout(drop.p, loaded.dropout_rng)
 
 
 # ---------------------------------------------------------------- the adapter door
