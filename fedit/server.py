@@ -164,7 +164,9 @@ def run(cfg: Config, runtime: Runtime, run_dir: str | Path, *, client_ids: list[
         row = {"event": "round", "round": r, "clients": selected, "accepted": used, "rejected": rejected,
                "train_seconds": round(time.perf_counter() - t0, 3)}
         if evaluate and cfg.eval.every and (r % cfg.eval.every == 0 or r == fed.rounds):
+            t_eval = time.perf_counter()
             row["eval"] = evaluate(global_adapter)
+            row["eval_seconds"] = round(time.perf_counter() - t_eval, 3)
         row["seconds"] = round(time.perf_counter() - t0, 3)
         _finish_round(rd, r, global_adapter, row, save_adapter)
         hooks.round_end(row)
