@@ -70,13 +70,35 @@ class FederationConfig:
     strategy: str = _f("fedavg", "Aggregation strategy (see `fedit strategies`).")
     seed: int = _f(42, "Seed for client selection, data order, dropout and LoRA init.")
     min_replies: int = _f(1, "A round needs at least this many valid client updates, else the run stops.", min=1)
+    round_timeout: float = _f(0.0, "Flower deployment: seconds a round waits for client replies; the clients that did "
+                              "not reply by then are dropped (logged with the reason). 0 waits until every selected "
+                              "client replied or Flower reported it gone.", min=0.0)
 
 
 @dataclass(frozen=True)
 class EvalConfig:
     every: int = _f(1, "Evaluate held-out loss every N rounds (the last round always); 0 disables.", min=0)
     batch_size: int = _f(8, "Examples per evaluation forward pass.", min=1)
-    max_new_tokens: int = _f(128, "Tokens to generate per answer (fedit eval).", min=1)
+    max_new_tokens: int = _f(128, "Tokens to generate per answer (fedit eval, fedit reproduce).", min=1)
+    do_sample: bool = _f(False, "Sample answers instead of greedy decoding (fedit eval; the paper's comparisons are greedy here).")
+    temperature: float = _f(0.7, "Sampling temperature when eval.do_sample is true.", min=0.0, exclusive_min=True)
+    top_p: float = _f(0.9, "Nucleus sampling mass when eval.do_sample is true.", min=0.0, max=1.0, exclusive_min=True)
+
+
+@dataclass(frozen=True)
+class JudgeConfig:
+    url: str = _f("", "Base URL of an OpenAI-compatible server (e.g. https://api.openai.com/v1; "
+                      "/chat/completions is appended); empty: no LLM judge.")
+    model: str = _f("", "Judge model name sent to the server (the paper: gpt-4).")
+    api_key_env: str = _f("OPENAI_API_KEY", "Environment variable holding the judge's API key (unset: no key sent).")
+    samples: int = _f(3, "Judge calls per question and order; scores are averaged (the paper: 3).", min=1)
+    temperature: float = _f(0.2, "Judge sampling temperature (Vicuna's review script: 0.2).", min=0.0)
+    max_tokens: int = _f(512, "Tokens the judge may write per review.", min=1)
+    timeout: float = _f(60.0, "Seconds to wait for one judge reply.", min=0.0, exclusive_min=True)
+    retries: int = _f(4, "Retries of one call after a network error, timeout, HTTP 429 or 5xx.", min=0)
+    backoff: float = _f(2.0, "Seconds before the first retry; doubled each retry.", min=0.0)
+    questions: int = _f(20, "Random Vicuna questions judged (the paper: 20 of 80); 0 means all.", min=0)
+    seed: int = _f(42, "Seed of the random question subset.")
 
 
 @dataclass(frozen=True)
@@ -93,6 +115,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
@@ -177,6 +200,8 @@ def from_dict(raw: dict[str, Any], source: str = "config") -> Config:
 
         if cfg.federation.strategy not in STRATEGIES:
             problems.append(f"federation.strategy = {cfg.federation.strategy!r}: choose one of {', '.join(STRATEGIES)}")
+        if cfg.judge.url and not cfg.judge.model:
+            problems.append("judge.url is set but judge.model is empty; set judge.model to the judge's model name")
         if cfg.model.quantize != "none" and cfg.model.device == "cpu":
             problems.append("model.quantize needs a CUDA GPU (bitsandbytes); set model.quantize = \"none\" on CPU")
         if not problems:
