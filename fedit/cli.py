@@ -1,4 +1,4 @@
-"""The `fedit` command line: partition data, run federated training."""
+"""The `fedit` command line: partition, run, eval, reproduce, generate, chat, export."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ import logging
 import os
 import sys
 
+from fedit import use_cli
 from fedit.errors import FeditError
+from fedit.evaluation import cli as eval_cli
 
 
 def _partition(args: argparse.Namespace, console) -> None:
@@ -42,6 +44,19 @@ def _run(args: argparse.Namespace, console) -> None:
     console.print(runner.summary(run_dir))
 
 
+def _bench(args: argparse.Namespace, console) -> None:
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "benchmarks" / "bench.py").is_file():
+        raise FeditError("fedit bench runs from a source checkout (it needs the benchmarks/ directory); "
+                         "clone the repository and `pip install -e .`")
+    sys.path.insert(0, str(root))
+    from benchmarks import bench
+
+    bench.run(Path(args.out), quick=args.quick, model=args.model, skip_naive=args.skip_naive, console=console)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedit", description="Federated instruction tuning (FedIT) of LLMs with LoRA.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -64,10 +79,19 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue an interrupted run")
     pr.add_argument("--help-config", action="store_true", help="list every config key with its default")
     pr.add_argument("overrides", nargs="*", metavar="section.key=value")
+
+    pb = sub.add_parser("bench", help="measure training throughput, round overhead, memory, aggregation, bytes")
+    pb.add_argument("--out", default="bench-results", help="directory for bench.json, bench.md and work files")
+    pb.add_argument("--quick", action="store_true", help="fewer examples and 100 instead of 1,000 clients")
+    pb.add_argument("--model", default=None, help="base model (default: the default model)")
+    pb.add_argument("--skip-naive", action="store_true", help="leave out the slow naive-loop baseline")
+
+    eval_cli.add_parsers(sub)
+    use_cli.add_parsers(sub)
     return p
 
 
-COMMANDS = {"partition": _partition, "run": _run}
+COMMANDS = {"partition": _partition, "run": _run, "bench": _bench, **eval_cli.COMMANDS, **use_cli.COMMANDS}
 
 
 def main(argv: list[str] | None = None) -> int:

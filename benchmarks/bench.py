@@ -1,0 +1,95 @@
+"""`fedit bench`: every performance measurement in one run, as JSON and a markdown table.
+
+    fedit bench --out bench-results          # ~15-25 minutes on 2 CPU cores
+    fedit bench --quick --out bench-results  # fewer examples, no 1,000-client run
+
+Ratios are the point: the naive loop and fedit are measured in the same run on the
+same examples. Absolute figures depend on the machine, which the report names.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks import rounds, throughput
+
+
+def machine() -> str:
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import os
+
+    return f"{name}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+
+
+def run(out: Path, quick: bool = False, model: str | None = None, skip_naive: bool = False, console=None) -> dict:
+    from fedit.config import DEFAULT_MODEL
+
+    model = model or DEFAULT_MODEL
+    out.mkdir(parents=True, exist_ok=True)
+    say = console.print if console else print
+    res: dict = {"machine": machine(), "model": model, "started": time.strftime("%Y-%m-%d %H:%M"), "quick": quick}
+
+    say("throughput: naive loop vs fedit vs matmul peak ...")
+    res["throughput"] = throughput.run(model, n_clients=1 if quick else 2, per_client=16 if quick else 32,
+                                       skip_naive=skip_naive)
+    say("round overhead ...")
+    res["round_overhead"] = rounds.round_overhead(out / "work", rounds=2 if quick else 3)
+    res["evaluation"] = rounds.evaluation_cost(out / "work")
+    adapter = out / "work" / "overhead-run" / "adapter"
+    say("aggregation of 100 adapters ...")
+    res["aggregation"] = rounds.aggregation(adapter / "adapter_model.safetensors")
+    res["communication"] = rounds.communication(adapter)
+    say("memory with 10 vs 1,000 registered clients ...")
+    res["memory"] = rounds.memory_vs_clients(out / "work", (10, 100) if quick else (10, 1000))
+    (out / "bench.json").write_text(json.dumps(res, indent=2))
+    (out / "bench.md").write_text(table(res))
+    say(table(res))
+    return res
+
+
+def table(r: dict) -> str:
+    t = r["throughput"]
+    f, peak = t["fedit"], t["peak_flops"]
+    w = t["workload"]
+    lines = [f"Machine: {r['machine']}. Model: {r['model']}. {r['started']}.", "",
+             f"Workload: {w['clients']} client(s) x {w['examples_per_client']} Dolly examples, cutoff {w['cutoff']}, "
+             f"batch {w['batch_size']} (micro-batches of {w['micro_batch_size']}), LoRA r=8 on all linear layers; "
+             f"{w['real_tokens']} real tokens ({w['padded_tokens_naive']} with the naive padding).", "",
+             "| measurement | value |", "| --- | --- |"]
+    if "naive" in t:
+        n = t["naive"]
+        lines.append(f"| naive loop (new Trainer per client, fp32, pad to longest, torch.save) | "
+                     f"{n['tokens_per_s']:.0f} real tokens/s |")
+    lines.append(f"| fedit client loop ({t['fedit_dtype']}) | {f['tokens_per_s']:.0f} real tokens/s |")
+    if "speedup" in t:
+        lines.append(f"| fedit / naive | {t['speedup']:.2f}x |")
+    lines += [f"| matmul peak bf16 / fp32 | {peak['bf16'] / 1e12:.2f} / {peak['fp32'] / 1e12:.2f} TFLOP/s |",
+              f"| fedit MFU (model FLOPs / bf16 peak) | {100 * f['mfu_bf16']:.1f}% |"]
+    o = r["round_overhead"]
+    lines.append(f"| round overhead outside client training ({o['clients_per_round']} clients x "
+                 f"{o['steps_per_client']} step, evaluation excluded) | {100 * o['overhead_share']:.2f}% of the round |")
+    e = r["evaluation"]
+    lines.append(f"| held-out evaluation (80 records), listed apart | {e['eval_seconds']:.1f} s per round |")
+    a = r["aggregation"]
+    lines.append(f"| FedAvg of {a['clients']} adapters ({a['adapter_mb']:.1f} MB each) | {a['seconds']:.2f} s, "
+                 f"peak RSS +{a['peak_rss_increase_mb']:.0f} MB |")
+    m = r["memory"]
+    (lo, v_lo), (hi, v_hi) = list(m["peak_rss_mb"].items())
+    lines.append(f"| peak RSS, {lo} vs {hi} registered clients (5 per round) | {v_lo:.0f} vs {v_hi:.0f} MB "
+                 f"({100 * (m['ratio'] - 1):+.1f}%) |")
+    c = r["communication"]
+    lines.append(f"| bytes per client and round | {c['bytes_down'] / 2**20:.1f} MB down, "
+                 f"{c['bytes_up'] / 2**20:.1f} MB up ({c['adapter_params']:,} adapter parameters) |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,167 @@
+"""Local-training throughput: the naive loop vs fedit's client loop vs the machine's limit.
+
+All three see the same Dolly examples (same tokenization, cutoff and masking) and
+count the same thing: real (non-padding) input tokens per second of training.
+
+- naive: what the paper's repository does per client, adapted to run here: a new
+  transformers Trainer per client, fp32 weights, micro-batches padded to their
+  longest example (DataCollatorForSeq2Seq), the adapter saved with torch.save and
+  loaded back from disk for aggregation.
+- fedit: ``fedit.client.train`` with the automatic dtype (bf16 autocast on this CPU),
+  steps sorted by length into micro-batches, the LM head only on labelled tokens.
+- limit: the measured bf16 and fp32 matmul peak; fedit's model FLOPs utilization (MFU)
+  against the bf16 peak.
+"""
+
+from __future__ import annotations
+
+import gc
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 8) -> float:
+    """FLOP/s of the best of ``repeats`` n x n matmuls (what the hardware can do at best)."""
+    a = torch.randn(n, n, dtype=dtype)
+    b = torch.randn(n, n, dtype=dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best
+
+
+def train_flops(model_config, input_tokens: int, labelled_tokens: int) -> float:
+    """Model FLOPs of LoRA training: forward + activation gradients (frozen weights get no
+    weight gradients), i.e. 4 x params x tokens for the decoder, the attention scores, and the
+    LM head at labelled positions only (the tokens the loss reads). LoRA's own matmuls (<1%)
+    are left out, which makes the MFU a slight underestimate."""
+    c = model_config
+    d, layers, vocab = c.hidden_size, c.num_hidden_layers, c.vocab_size
+    heads, kv = c.num_attention_heads, getattr(c, "num_key_value_heads", c.num_attention_heads)
+    head_dim = getattr(c, "head_dim", d // heads)
+    per_layer = d * heads * head_dim + 2 * d * kv * head_dim + heads * head_dim * d + 3 * d * c.intermediate_size
+    return 4 * per_layer * layers * input_tokens + 4 * vocab * d * labelled_tokens
+
+
+def examples(tokenizer, n: int, cutoff: int, seed: int = 0):
+    import numpy as np
+
+    from fedit.data.batches import tokenize
+    from fedit.data.records import load_records
+
+    records = load_records(DOLLY).records
+    pick = np.random.default_rng(seed).choice(len(records), size=n, replace=False)
+    return tokenize([records[i] for i in pick], tokenizer, cutoff)
+
+
+DOLLY = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dolly" / "dolly-15k.jsonl"
+
+
+def naive_clients(model_name: str, client_examples: list, batch_size: int, micro: int, lr: float,
+                  lora_cfg) -> dict:
+    """The paper repo's way: a new Trainer per client, fp32, pad to longest, torch.save adapters."""
+    from datasets import Dataset
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+    from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer,
+                              TrainingArguments)
+
+    from fedit.model import resolve_source
+
+    source = resolve_source(model_name)
+    tok = AutoTokenizer.from_pretrained(source)
+    tok.pad_token = tok.pad_token or tok.eos_token
+    base = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    torch.manual_seed(0)
+    model = get_peft_model(base, LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
+                                            target_modules="all-linear", task_type="CAUSAL_LM"))
+    global_state = {k: v.clone() for k, v in get_peft_model_state_dict(model).items()}
+    tokens = train_seconds = 0.0
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = []
+        for c, exs in enumerate(client_examples):
+            set_peft_model_state_dict(model, global_state)
+            ds = Dataset.from_list([{"input_ids": e.input_ids, "attention_mask": [1] * len(e.input_ids),
+                                     "labels": e.labels} for e in exs])
+            args = TrainingArguments(output_dir=f"{tmp}/c{c}", per_device_train_batch_size=micro,
+                                     gradient_accumulation_steps=batch_size // micro, num_train_epochs=1,
+                                     learning_rate=lr, report_to=[], save_strategy="no", logging_strategy="no",
+                                     use_cpu=True, dataloader_num_workers=0, disable_tqdm=True, seed=c)
+            trainer = Trainer(model=model, args=args, train_dataset=ds,
+                              data_collator=DataCollatorForSeq2Seq(tok, padding="longest", return_tensors="pt"))
+            t = time.perf_counter()
+            trainer.train()
+            train_seconds += time.perf_counter() - t
+            tokens += sum(len(e.input_ids) for e in exs)
+            path = f"{tmp}/client{c}.bin"
+            torch.save(get_peft_model_state_dict(model), path)
+            paths.append((path, len(exs)))
+            del trainer
+            gc.collect()
+        t = time.perf_counter()
+        total = sum(n for _, n in paths)
+        agg = None
+        for path, n in paths:  # reloaded from disk for aggregation, as the paper repo does
+            sd = torch.load(path)
+            agg = {k: v * n / total for k, v in sd.items()} if agg is None else {k: agg[k] + v * n / total
+                                                                                 for k, v in sd.items()}
+        aggregate_seconds = time.perf_counter() - t
+    del model, base
+    gc.collect()
+    return {"tokens": tokens, "train_seconds": train_seconds, "tokens_per_s": tokens / train_seconds,
+            "aggregate_seconds": aggregate_seconds}
+
+
+def fedit_clients(loaded, client_examples: list, batch_size: int, micro: int, lr: float) -> dict:
+    from fedit import client
+    from fedit.config import TrainConfig
+
+    cfg = TrainConfig(lr=lr, batch_size=batch_size, micro_batch_size=micro, local_epochs=1.0)
+    tokens = seconds = 0.0
+    labelled = 0
+    # Warm-up on a few examples: first-call costs (oneDNN kernels) are not training throughput.
+    client.train(loaded, loaded.initial_adapter, client_examples[0][:micro], TrainConfig(
+        lr=lr, batch_size=micro, micro_batch_size=micro), seed=0)
+    for c, exs in enumerate(client_examples):
+        t = time.perf_counter()
+        client.train(loaded, loaded.initial_adapter, exs, cfg, seed=c)
+        seconds += time.perf_counter() - t
+        tokens += sum(len(e.input_ids) for e in exs)
+        labelled += sum(e.trained_tokens for e in exs)
+    return {"tokens": tokens, "labelled_tokens": labelled, "train_seconds": seconds, "tokens_per_s": tokens / seconds}
+
+
+def run(model_name: str, n_clients: int = 2, per_client: int = 32, cutoff: int = 512, batch_size: int = 32,
+        micro: int = 8, lr: float = 1.5e-4, skip_naive: bool = False) -> dict:
+    from fedit.config import LoraConfig, ModelConfig
+    from fedit.model import attach_lora, load_base
+
+    lora = LoraConfig()
+    loaded = load_base(ModelConfig(name=model_name))
+    attach_lora(loaded, lora, seed=0)
+    exs = examples(loaded.tokenizer, n_clients * per_client, cutoff)
+    clients = [exs[i * per_client:(i + 1) * per_client] for i in range(n_clients)]
+    padded = sum(max(len(e.input_ids) for e in c[i:i + micro]) * len(c[i:i + micro])
+                 for c in clients for i in range(0, len(c), micro))
+    result = {"workload": {"clients": n_clients, "examples_per_client": per_client, "cutoff": cutoff,
+                           "batch_size": batch_size, "micro_batch_size": micro,
+                           "real_tokens": sum(len(e.input_ids) for e in exs),
+                           "padded_tokens_naive": padded},
+              "fedit": fedit_clients(loaded, clients, batch_size, micro, lr),
+              "fedit_dtype": str(loaded.dtype).replace("torch.", "")}
+    f = result["fedit"]
+    flops = train_flops(loaded.model.get_base_model().config, f["tokens"], f["labelled_tokens"])
+    del loaded
+    gc.collect()
+    result["peak_flops"] = {"bf16": matmul_peak(torch.bfloat16), "fp32": matmul_peak(torch.float32)}
+    result["fedit"]["model_flops"] = flops
+    result["fedit"]["mfu_bf16"] = flops / f["train_seconds"] / result["peak_flops"]["bf16"]
+    if not skip_naive:
+        result["naive"] = naive_clients(model_name, clients, batch_size, micro, lr, lora)
+        result["speedup"] = f["tokens_per_s"] / result["naive"]["tokens_per_s"]
+    return result
