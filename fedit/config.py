@@ -222,19 +222,26 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     return section, name, parsed
 
 
-def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read a TOML file (optional) and apply key=value overrides; validate everything at once."""
-    raw: dict[str, Any] = {}
-    source = "defaults"
+def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+         base: dict[str, dict[str, Any]] | None = None, base_name: str = "defaults") -> Config:
+    """``base`` settings (e.g. a reproduce scale), then a TOML file, then key=value overrides;
+    everything validated at once."""
+    raw: dict[str, Any] = {k: dict(v) for k, v in (base or {}).items()}
+    source = base_name
     if path is not None:
         p = Path(path)
         if not p.is_file():
             raise FeditError(f"config file {p} does not exist; pass an existing .toml file or leave --config out")
         try:
-            raw = tomllib.loads(p.read_text())
+            from_file = tomllib.loads(p.read_text())
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise FeditError(f"config file {p} is not valid TOML: {e}") from None
-        source = str(p)
+        for section, values in from_file.items():
+            if isinstance(values, dict) and isinstance(raw.get(section), dict):
+                raw[section].update(values)
+            else:
+                raw[section] = values
+        source = str(p) if base is None else f"{base_name} + {p}"
     problems = []
     for text in overrides:
         try:

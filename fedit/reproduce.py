@@ -29,7 +29,6 @@ import hashlib
 import json
 import random
 import time
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,36 +92,7 @@ ALPHA = 0.5  # dirichlet concentration of the federated split (the paper's Figur
 
 def resolve_config(scale: Scale, config_file: str | None, overrides: list[str] | tuple[str, ...]) -> Config:
     """The scale's settings, then the user's file, then the user's key=value overrides."""
-    raw: dict[str, dict] = {k: dict(v) for k, v in scale.config.items()}
-    if config_file:
-        p = Path(config_file)
-        if not p.is_file():
-            raise FeditError(f"config file {p} does not exist; pass an existing .toml file or leave --config out")
-        try:
-            for section, values in tomllib.loads(p.read_text()).items():
-                raw.setdefault(section, {}).update(values) if isinstance(values, dict) else raw.update({section: values})
-        except tomllib.TOMLDecodeError as e:
-            raise FeditError(f"config file {p} is not valid TOML: {e}") from None
-    problems = []
-    for text in overrides:
-        try:
-            section, key, value = config_mod.parse_override(text)
-        except FeditError as e:
-            problems.append(str(e))
-            continue
-        table = raw.setdefault(section, {})
-        if isinstance(table, dict):
-            table[key] = value
-    source = f"the {scale.name} scale" + (f" + {config_file}" if config_file else "") + (" + overrides" if overrides else "")
-    try:
-        cfg = config_mod.from_dict(raw, source)
-    except FeditError as e:
-        if not problems:
-            raise
-        problems += [line[4:] for line in str(e).splitlines()[1:]]
-    if problems:
-        raise FeditError(f"{len(problems)} problem(s) in {source}:\n" + "\n".join(f"  - {p}" for p in problems))
-    return cfg
+    return config_mod.load(config_file, overrides, base=scale.config, base_name=f"the {scale.name} scale")
 
 
 def describe(scale: Scale, cfg: Config) -> str:

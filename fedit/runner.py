@@ -67,15 +67,19 @@ def run_metadata(cfg: Config, loaded: Loaded) -> dict:
                                                  f"{torch.get_num_threads()} threads"}
 
 
-def run(cfg: Config, resume: str | None = None, console=None, loaded: Loaded | None = None) -> Path:
+def resolve_run(cfg: Config | None, resume: str | None) -> tuple[Config, Path]:
+    """(config, run directory): a resumed run brings its own saved config."""
+    if not resume:
+        return cfg, Path(cfg.run.out)
+    run_dir = Path(resume)
+    if not (run_dir / "config.toml").is_file():
+        raise FeditError(f"{run_dir} is not a fedit run directory (no config.toml); pass the run.out of a run")
+    return config_mod.load(run_dir / "config.toml"), run_dir
+
+
+def run(cfg: Config | None, resume: str | None = None, console=None, loaded: Loaded | None = None) -> Path:
     """Run or resume the federated training in-process; return the run directory."""
-    if resume:
-        run_dir = Path(resume)
-        if not (run_dir / "config.toml").is_file():
-            raise FeditError(f"{run_dir} is not a fedit run directory (no config.toml); pass the run.out of a run")
-        cfg = config_mod.load(run_dir / "config.toml")
-    else:
-        run_dir = Path(cfg.run.out)
+    cfg, run_dir = resolve_run(cfg, resume)
     prep = prepare(cfg, loaded)
     progress = _Progress(cfg, console) if console is not None and cfg.run.progress else None
     sim = Simulation(prep.loaded, prep.clients, cfg, on_client=progress.client if progress else None)
