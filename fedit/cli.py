@@ -94,6 +94,21 @@ def build_parser() -> argparse.ArgumentParser:
 COMMANDS = {"partition": _partition, "run": _run, "bench": _bench, **eval_cli.COMMANDS, **use_cli.COMMANDS}
 
 
+def _quiet_libraries() -> None:
+    """fedit prints its own progress; the libraries' load bars and deprecation notes are noise to a user."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
@@ -101,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
 
     console = Console(soft_wrap=True, markup=False, highlight=False)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    _quiet_libraries()
     try:
         COMMANDS[args.command](args, console)
     except FeditError as e:

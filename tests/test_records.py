@@ -63,3 +63,26 @@ def test_unusable_inputs_are_one_clear_error(tmp_path):
         load_records(empty)
     with pytest.raises(FeditError, match="is a directory"):
         load_records(tmp_path)
+
+
+def test_hub_dataset_id_goes_through_datasets(monkeypatch):
+    import datasets
+
+    seen = {}
+
+    def fake_load(name, split):
+        seen["args"] = (name, split)
+        return datasets.Dataset.from_list([{"instruction": "q", "input": "", "output": "a"},
+                                           {"instruction": "", "input": "", "output": "a"}])
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    res = load_records("someone/alpaca-like", split="train[:10]")
+    assert seen["args"] == ("someone/alpaca-like", "train[:10]")
+    assert [r.response for r in res.records] == ["a"] and res.skipped == [(2, "empty instruction (field 'instruction')")]
+
+
+def test_unreachable_hub_dataset_is_one_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(FeditError, match="could not load hub dataset 'nobody/no-such-dataset'"):
+        load_records("nobody/no-such-dataset")
