@@ -1,4 +1,4 @@
-"""The `fedit` command line: partition, run, eval, reproduce, generate, chat, export."""
+"""The `fedit` command line: partition, run, eval, reproduce, generate, chat, export, bench, flower."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import sys
 from fedit import use_cli
 from fedit.errors import FeditError
 from fedit.evaluation import cli as eval_cli
+from fedit.runtime import flower_cli
 
 
 def _partition(args: argparse.Namespace, console) -> None:
@@ -88,10 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     eval_cli.add_parsers(sub)
     use_cli.add_parsers(sub)
+    flower_cli.add_parser(sub)
     return p
 
 
-COMMANDS = {"partition": _partition, "run": _run, "bench": _bench, **eval_cli.COMMANDS, **use_cli.COMMANDS}
+COMMANDS = {"partition": _partition, "run": _run, "bench": _bench, "flower": flower_cli.main,
+            **eval_cli.COMMANDS, **use_cli.COMMANDS}
 
 
 def _quiet_libraries() -> None:

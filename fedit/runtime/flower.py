@@ -1,0 +1,407 @@
+"""Flower (flwr 1.41) as the transport: a ServerApp and a ClientApp around fedit's own code.
+
+This is the only module that imports flwr. It converts adapters to and from
+Flower records and calls the same code as the in-process run:
+
+- the ServerApp calls ``fedit.server.run`` (the one round loop) with a
+  ``FlowerRuntime`` whose ``fit`` sends one ``train`` message per selected
+  client through the Grid and yields an ``Update`` per reply and a ``Failure``
+  per client that errored, vanished or did not answer in time;
+- the ClientApp calls ``fedit.client.train`` with ``client.seed_for(seed,
+  round, client_id)``, so a deployment trains exactly what the simulation does.
+
+Which SuperNode is which client: each SuperNode is started with
+``--node-config 'client-id=3 data-path="/data/client_003.jsonl"'``. The server
+learns the mapping with one cheap ``query`` message per newly seen node (the
+ClientApp answers with its ``client-id`` without loading a model); every train
+reply repeats the client id and the server checks it. Under Flower's simulation
+runtime, where node config holds only ``partition-id``, the partition id is the
+client id and the data file comes from ``data.clients_dir``.
+
+Failures: a reply carrying a Flower error (the ClientApp raised, crashed, or
+the SuperLink declared the node unavailable after missed heartbeats, about
+60 s), a selected client with no connected node, and no reply within
+``federation.round_timeout`` seconds each become ``Failure(client_id,
+reason)``; the round loop logs them and aggregates the replies that came.
+
+Cost: the Deployment Runtime runs every message in a fresh ``flwr-clientapp``
+process, so the base model is loaded once per message, not once per SuperNode
+(about 3 s for SmolLM2-135M on 2 CPU cores: 1.6 s of imports, 1.3 s of
+from_pretrained; see docs/flower.md). Each train reply reports it as
+``load_seconds``. A module-level cache keeps the model where the process does
+survive (Flower's Ray simulation runtime, one model per actor; the adapter is
+set per message, so no client state lives in it).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+from fedit import config as config_mod
+from fedit.config import Config
+from fedit.errors import FeditError
+
+log = logging.getLogger("fedit.flower")
+
+# Keys of [tool.flwr.app.config] (the Flower run config) that the ServerApp reads.
+RUN_CONFIG = {
+    "fedit-config": "",  # the fedit config as TOML text (what `fedit run` reads from --config + overrides)
+    "resume": "",  # a run directory on the server machine to continue
+    "min-nodes": 0,  # wait for this many SuperNodes before round 1; 0: every client of the manifest
+    "node-wait": 600.0,  # seconds to wait for them
+}
+
+
+# ---------------------------------------------------------------- records <-> fedit objects
+
+def config_to_text(cfg: Config) -> str:
+    return config_mod.to_toml(cfg)
+
+
+def config_from_text(text: str, source: str) -> Config:
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise FeditError(f"{source} is not valid TOML: {e}") from None
+    return config_mod.from_dict(raw, source)
+
+
+def adapter_to_record(adapter) -> ArrayRecord:
+    return ArrayRecord({k: v.detach().cpu().contiguous() for k, v in adapter.items()})
+
+
+def record_to_adapter(record: ArrayRecord):
+    return dict(record.to_torch_state_dict())
+
+
+# ---------------------------------------------------------------- client side
+
+client_app = ClientApp()
+
+_MODEL_CACHE: dict[tuple, object] = {}  # survives only where the process does (Ray simulation actors)
+
+
+def _node_identity(context: Context, cfg: Config | None) -> tuple[int, Path | None]:
+    """(client id, data file) of this SuperNode, from its node config."""
+    nc = context.node_config
+    if "client-id" in nc:
+        cid = nc["client-id"]
+    elif "partition-id" in nc:  # Flower's simulation runtime: virtual node i is client i
+        cid = nc["partition-id"]
+    else:
+        raise FeditError("this SuperNode has no client-id in its node config; start it with "
+                         "--node-config 'client-id=N data-path=\"/path/to/client_N.jsonl\"'")
+    if isinstance(cid, bool) or not isinstance(cid, int):
+        raise FeditError(f"node config client-id = {cid!r}: expected a whole number")
+    if "data-path" in nc:
+        return cid, Path(str(nc["data-path"])).expanduser()
+    if cfg is not None and cfg.data.clients_dir:
+        from fedit.data.partition import read_manifest
+
+        files = {c["id"]: c["file"] for c in read_manifest(cfg.data.clients_dir)["clients"]}
+        if cid not in files:
+            raise FeditError(f"client-id {cid} is not in the partition {cfg.data.clients_dir}")
+        return cid, Path(cfg.data.clients_dir) / files[cid]
+    return cid, None
+
+
+@client_app.query()
+def _query(msg: Message, context: Context) -> Message:
+    """Who am I: answers with this node's client id, without loading a model (about a process start)."""
+    cid, path = _node_identity(context, None)
+    return Message(RecordDict({"node": ConfigRecord({"client-id": cid, "data-path": str(path or "")})}), reply_to=msg)
+
+
+def _load_model(cfg: Config, model_name: str):
+    from fedit.model import attach_lora, load_base
+
+    mcfg = config_mod.ModelConfig(**{**cfg.to_dict()["model"], "name": model_name})
+    key = (repr(mcfg), repr(cfg.lora), cfg.federation.seed)
+    if key not in _MODEL_CACHE:
+        _MODEL_CACHE.clear()
+        loaded = load_base(mcfg)
+        attach_lora(loaded, cfg.lora, cfg.federation.seed)
+        _MODEL_CACHE[key] = loaded
+    return _MODEL_CACHE[key]
+
+
+@client_app.train()
+def _train(msg: Message, context: Context) -> Message:
+    t0 = time.perf_counter()
+    from fedit import client
+    from fedit.data.batches import tokenize
+    from fedit.data.records import load_records
+
+    conf = msg.content["config"]
+    cfg = config_from_text(str(conf["fedit-config"]), "the fedit config sent by the server")
+    round_num = int(conf["round"])
+    cid, path = _node_identity(context, cfg)
+    if path is None:
+        raise FeditError("this SuperNode has no data-path in its node config and the server's data.clients_dir is "
+                         "not set; start it with --node-config 'client-id=N data-path=\"/path/to/client_N.jsonl\"'")
+    model_name = str(context.node_config.get("model", cfg.model.name))
+    loaded = _load_model(cfg, model_name)
+    load_seconds = time.perf_counter() - t0
+    t = cfg.train
+    examples = tokenize(load_records(path).records, loaded.tokenizer, t.cutoff_len, t.train_on_inputs,
+                        cfg.data.template)
+    if not examples:
+        raise FeditError(f"{path} holds no usable records")
+    update = client.train(loaded, record_to_adapter(msg.content["adapter"]), examples, t,
+                          client.seed_for(cfg.federation.seed, round_num, cid), cid)
+    metrics = {k: v for k, v in update.metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    metrics.update({"client-id": cid, "num-examples": update.num_examples, "load_seconds": round(load_seconds, 3)})
+    return Message(RecordDict({"adapter": adapter_to_record(update.adapter), "metrics": MetricRecord(metrics)}),
+                   reply_to=msg)
+
+
+# ---------------------------------------------------------------- server side
+
+def _error_text(reply: Message) -> str:
+    e = reply.error
+    names = {1: "the ClientApp could not be loaded", 2: "the ClientApp raised", 3: "message unavailable",
+             4: "reply unavailable", 5: "SuperNode unavailable", 7: "invalid app bundle", 8: "the ClientApp crashed"}
+    return f"{names.get(e.code, f'Flower error {e.code}')}: {(e.reason or '').strip()[-500:]}"
+
+
+@dataclass
+class Nodes:
+    """Which connected SuperNode is which fedit client; learnt with one query message per new node."""
+
+    grid: Grid
+    node_wait: float = 30.0
+    by_client: dict[int, int] = field(default_factory=dict)  # client id -> node id
+    known: dict[int, int | None] = field(default_factory=dict)  # node id -> client id (None: unusable)
+
+    def refresh(self, wait: float | None = None) -> None:
+        """Drop nodes that left; ask the new ones who they are."""
+        connected = set(self.grid.get_node_ids())
+        for node in list(self.known):
+            if node not in connected:
+                cid = self.known.pop(node)
+                if cid is not None and self.by_client.get(cid) == node:
+                    del self.by_client[cid]
+        new = sorted(connected - set(self.known))
+        if not new:
+            return
+        ids = list(self.grid.push_messages([Message(RecordDict(), dst_node_id=n, message_type="query",
+                                                    group_id="query") for n in new]))
+        pending = dict(zip(ids, new))
+        deadline = time.monotonic() + (self.node_wait if wait is None else wait)
+        while pending and time.monotonic() < deadline:
+            for reply in self.grid.pull_messages(list(pending)):
+                node = pending.pop(reply.metadata.reply_to_message_id, None)
+                if node is None:
+                    continue
+                if reply.has_error():
+                    log.warning("SuperNode %s cannot take part: %s", node, _error_text(reply))
+                    self.known[node] = None
+                    continue
+                cid = int(reply.content["node"]["client-id"])
+                old = self.by_client.get(cid)
+                if old is not None and old != node:
+                    log.warning("SuperNodes %s and %s both say client-id = %s; using the newer %s", old, node, cid, node)
+                    self.known[old] = None
+                self.by_client[cid], self.known[node] = node, cid
+                log.info("SuperNode %s is client %s", node, cid)
+            if pending:
+                time.sleep(0.5)
+        # A node that did not answer is asked again at the next refresh.
+
+    def wait_for(self, expected: set[int] | None, count: int, timeout: float) -> None:
+        """Until every expected client id (or ``count`` clients) is connected, or ``timeout`` s passed."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.refresh(wait=max(1.0, min(self.node_wait, deadline - time.monotonic())))
+            have = set(self.by_client)
+            if (expected is not None and expected <= have) or (expected is None and len(have) >= count):
+                return
+            if time.monotonic() >= deadline:
+                want = f"clients {sorted(expected - have)}" if expected is not None else f"{count} SuperNodes"
+                log.warning("after %.0f s still missing %s; starting with clients %s", timeout, want, sorted(have))
+                return
+            time.sleep(1.0)
+
+
+class FlowerRuntime:
+    """The round loop's Runtime over a Flower Grid: one train message per selected client and round."""
+
+    def __init__(self, grid: Grid, cfg: Config, nodes: Nodes, poll: float = 0.5):
+        self.grid, self.cfg, self.nodes, self.poll = grid, cfg, nodes, poll
+        self.cfg_text = config_to_text(cfg)
+
+    def fit(self, round_num: int, client_ids: list[int], global_adapter) -> Iterator:
+        from fedit.client import Failure, Update
+
+        self.nodes.refresh(wait=min(self.nodes.node_wait, 30.0))  # a SuperNode that (re)joined since last round
+        timeout = self.cfg.federation.round_timeout
+        content = RecordDict({"adapter": adapter_to_record(global_adapter),
+                              "config": ConfigRecord({"round": round_num, "fedit-config": self.cfg_text})})
+        messages, targets = [], []
+        for cid in client_ids:
+            node = self.nodes.by_client.get(cid)
+            if node is None:
+                yield Failure(cid, f"no connected SuperNode has client-id = {cid}")
+                continue
+            messages.append(Message(content, dst_node_id=node, message_type="train", group_id=str(round_num),
+                                    ttl=timeout if timeout > 0 else None))
+            targets.append(cid)
+        if not messages:
+            return
+        pending = dict(zip(self.grid.push_messages(messages), targets))
+        deadline = time.monotonic() + timeout if timeout > 0 else None
+        while pending:
+            for reply in self.grid.pull_messages(list(pending)):
+                cid = pending.pop(reply.metadata.reply_to_message_id, None)
+                if cid is None:
+                    continue
+                if reply.has_error():
+                    yield Failure(cid, _error_text(reply))
+                    continue
+                try:
+                    metrics = dict(reply.content["metrics"])
+                    adapter = record_to_adapter(reply.content["adapter"])
+                except (KeyError, TypeError, ValueError) as e:
+                    yield Failure(cid, f"malformed reply: {type(e).__name__}: {e}")
+                    continue
+                if metrics.pop("client-id", None) != cid:
+                    yield Failure(cid, f"the reply came from a node that is no longer client {cid}")
+                    continue
+                num = metrics.pop("num-examples", 0)
+                yield Update(client_id=cid, adapter=adapter, num_examples=int(num), metrics=metrics)
+            if pending and deadline is not None and time.monotonic() >= deadline:
+                for cid in pending.values():
+                    yield Failure(cid, f"no reply within federation.round_timeout = {timeout:g} s")
+                return
+            if pending:
+                time.sleep(self.poll)
+
+
+server_app = ServerApp()
+
+
+def _run_config(context: Context) -> dict:
+    return {k: context.run_config.get(k, v) for k, v in RUN_CONFIG.items()}
+
+
+@server_app.main()
+def _main(grid: Grid, context: Context) -> None:
+    fedit_log = logging.getLogger("fedit")
+    if not fedit_log.handlers:  # fedit's lines (rounds, drops) into the run's log, without Flower's HTTP chatter
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        fedit_log.addHandler(handler)
+        fedit_log.setLevel(logging.INFO)
+        fedit_log.propagate = False
+    rc = _run_config(context)
+    try:
+        serve(grid, rc)
+    except FeditError as e:
+        log.error("%s", e)
+        raise
+
+
+def serve(grid: Grid, rc: dict) -> Path:
+    """The server side of a deployment: prepare like `fedit run`, then the same round loop."""
+    import json
+
+    from fedit import server
+    from fedit.runner import run_metadata
+
+    from fedit.runner import resolve_run
+
+    resume = str(rc["resume"] or "")
+    if not resume and not rc["fedit-config"]:
+        raise FeditError("the Flower run config has no fedit-config; launch with `fedit flower run`")
+    cfg = None if resume else config_from_text(str(rc["fedit-config"]), "the fedit config of this Flower run")
+    cfg, run_dir = resolve_run(cfg, resume or None)
+    run_dir = run_dir.resolve()
+    prep = prepare_server(cfg)
+
+    nodes = Nodes(grid, node_wait=float(rc["node-wait"]))
+    saved = json.loads((run_dir / "run.json").read_text()).get("flower", {}) if resume and (run_dir / "run.json").exists() else {}
+    if saved.get("client_ids"):
+        client_ids = list(saved["client_ids"])
+    elif prep["manifest_ids"]:
+        client_ids = prep["manifest_ids"]
+    else:
+        client_ids = None
+    min_nodes = int(rc["min-nodes"])
+    k = cfg.federation.clients_per_round
+    nodes.wait_for(set(client_ids) if client_ids and not min_nodes else None,
+                   min_nodes or (len(client_ids) if client_ids else k), float(rc["node-wait"]))
+    if client_ids is None:
+        client_ids = sorted(nodes.by_client)
+    if not client_ids:
+        raise FeditError(f"no SuperNode with a client-id connected within {rc['node-wait']} s; start SuperNodes "
+                         f"with --node-config 'client-id=N data-path=\"...\"' pointed at this SuperLink")
+    log.info("clients: %s; connected now: %s", client_ids, sorted(nodes.by_client))
+    loaded = prep["loaded"]
+    meta = {**run_metadata(cfg, loaded), "runtime": "flower",
+            "flower": {"client_ids": client_ids, "round_timeout": cfg.federation.round_timeout}}
+
+    def round_end(row: dict) -> None:
+        ev = row.get("eval")
+        log.info("round %d: %s, %s clients accepted %s, rejected %s", row["round"],
+                 f"held-out loss {ev['loss']:.4f}" if ev else "not evaluated", row["accepted"], row["clients"],
+                 row.get("rejected", []))
+
+    def save(adapter, path: Path) -> None:
+        from fedit.model import save_adapter
+
+        save_adapter(loaded.model, adapter, path)
+
+    evaluate = None
+    if prep["test"] is not None:
+        from fedit.evaluation.loss import heldout_loss
+
+        def evaluate(adapter):
+            return heldout_loss(loaded, prep["test"], adapter, cfg.eval.batch_size)
+
+    server.run(cfg, FlowerRuntime(grid, cfg, nodes), run_dir, client_ids=client_ids,
+               initial_adapter=loaded.initial_adapter, save_adapter=save, evaluate=evaluate, resume=bool(resume),
+               hooks=server.Hooks(round_end=round_end), meta=meta)
+    try:
+        from fedit.evaluation.plots import plot_loss
+
+        plot_loss(server.loss_curve(server.RunDir(run_dir)), run_dir / "loss.png")
+    except Exception as e:  # a plot is not worth failing a finished run for
+        log.warning("could not plot the loss curve: %s", e)
+    log.info("run finished: %s", run_dir)
+    return run_dir
+
+
+def prepare_server(cfg: Config) -> dict:
+    """Base model + seeded LoRA init (round 0 equals the simulation's), the held-out set, the manifest's ids.
+
+    Unlike `fedit run` the server needs no client files: only the test file (for evaluation).
+    """
+    from fedit.data.batches import tokenize
+    from fedit.data.partition import read_manifest
+    from fedit.data.records import load_records
+    from fedit.model import attach_lora, load_base
+
+    manifest_ids: list[int] = []
+    if cfg.data.clients_dir and (Path(cfg.data.clients_dir) / "manifest.json").is_file():
+        manifest_ids = sorted(c["id"] for c in read_manifest(cfg.data.clients_dir)["clients"])
+    test_file = cfg.data.test_file or (str(Path(cfg.data.clients_dir) / "test.jsonl") if cfg.data.clients_dir else "")
+    if cfg.eval.every and not (test_file and Path(test_file).is_file()):
+        raise FeditError(f"the server needs a held-out test file to evaluate ({test_file or 'data.test_file is unset'}"
+                         f" does not exist); set data.test_file, or eval.every = 0")
+    loaded = load_base(cfg.model)
+    attach_lora(loaded, cfg.lora, cfg.federation.seed)
+    test = None
+    if cfg.eval.every:
+        t = cfg.train
+        test = tokenize(load_records(test_file).records, loaded.tokenizer, t.cutoff_len, t.train_on_inputs,
+                        cfg.data.template)
+    return {"loaded": loaded, "test": test, "manifest_ids": manifest_ids}

@@ -1,0 +1,455 @@
+"""fedit on Flower (flwr 1.41): the runtime adapter against a fake Grid, and real deployments on 127.0.0.1.
+
+The deployment tests start a SuperLink and SuperNodes as processes on free
+loopback ports (TLS with certificates made by openssl, SuperNode authentication
+with ssh-keygen keys), run fedit through `fedit flower run`'s launcher, and stop
+every process they started by its PID, also when a test fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+flwr = pytest.importorskip("flwr")
+
+from fedit import runner, server  # noqa: E402
+from fedit.client import Failure, Update  # noqa: E402
+from fedit.model import load_adapter_file  # noqa: E402
+from fedit.runtime import flower, flower_cli  # noqa: E402
+
+from conftest import ROOT, tiny_config  # noqa: E402
+
+BIN = Path(sys.executable).parent
+
+
+# ---------------------------------------------------------------- the adapter, against a fake Grid
+
+class FakeGrid:
+    """Replies as scripted per node: an adapter, an error, or silence."""
+
+    def __init__(self, nodes: dict[int, int], behaviour: dict[int, str], adapter):
+        self.nodes, self.behaviour, self.adapter = nodes, behaviour, adapter  # node id -> client id
+        self.sent: dict[str, object] = {}
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+    def push_messages(self, messages):
+        ids = []
+        for i, m in enumerate(messages):
+            mid = f"m{len(self.sent)}"
+            m.metadata.__dict__["_message_id"] = mid
+            self.sent[mid] = m
+            ids.append(mid)
+        return ids
+
+    def pull_messages(self, ids):
+        from flwr.app import Error, Message, MetricRecord, RecordDict
+
+        out = []
+        for mid in ids:
+            m = self.sent[mid]
+            node = m.metadata.dst_node_id
+            cid = self.nodes[node]
+            how = self.behaviour.get(cid, "ok")
+            if m.metadata.message_type == "query":
+                content = RecordDict({"node": flower.ConfigRecord({"client-id": cid, "data-path": ""})})
+                out.append(Message(content, reply_to=m))
+            elif how == "ok" or how == "liar":
+                metrics = MetricRecord({"client-id": cid if how == "ok" else cid + 100, "num-examples": 10 + cid,
+                                        "train_loss": 1.5})
+                out.append(Message(RecordDict({"adapter": flower.adapter_to_record(self.adapter),
+                                               "metrics": metrics}), reply_to=m))
+            elif how == "error":
+                out.append(Message(Error(code=2, reason="ValueError: boom"), reply_to=m))
+            elif how == "silent":
+                continue
+        return out
+
+
+@pytest.fixture(autouse=True)
+def task_identity(monkeypatch):
+    """Messages take their run and node id from the process they are made in (a ServerApp process in Flower)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+
+
+def _runtime(behaviour, timeout=0.0, nodes=None):
+    adapter = {"a.lora_A.weight": torch.arange(6, dtype=torch.float32).reshape(2, 3)}
+    cfg = tiny_config(Path("m"), Path("c"), Path("o"), federation={"round_timeout": timeout})
+    grid = FakeGrid(nodes or {101: 0, 102: 1, 103: 2}, behaviour, adapter)
+    ns = flower.Nodes(grid, node_wait=2.0)
+    return flower.FlowerRuntime(grid, cfg, ns, poll=0.01), adapter
+
+
+def test_runtime_turns_replies_errors_and_silence_into_updates_and_failures():
+    rt, adapter = _runtime({1: "error", 2: "silent"}, timeout=0.3)
+    out = list(rt.fit(1, [0, 1, 2], adapter))
+    updates = [u for u in out if isinstance(u, Update)]
+    failures = {f.client_id: f.reason for f in out if isinstance(f, Failure)}
+    assert [u.client_id for u in updates] == [0]
+    assert updates[0].num_examples == 10 and updates[0].metrics == {"train_loss": 1.5}
+    assert torch.equal(updates[0].adapter["a.lora_A.weight"], adapter["a.lora_A.weight"])
+    assert set(failures) == {1, 2}
+    assert "ClientApp raised" in failures[1] and "boom" in failures[1]
+    assert "round_timeout = 0.3 s" in failures[2]
+    # the train message carries the round and the fedit config; the adapter went over as an ArrayRecord
+    sent = [m for m in rt.grid.sent.values() if m.metadata.message_type == "train"]
+    assert {m.metadata.dst_node_id for m in sent} == {101, 102, 103}
+    assert sent[0].content["config"]["round"] == 1 and "[federation]" in sent[0].content["config"]["fedit-config"]
+
+
+def test_runtime_fails_clients_without_a_node_and_replies_from_the_wrong_client():
+    rt, adapter = _runtime({2: "liar"}, nodes={101: 0, 103: 2})
+    out = list(rt.fit(1, [0, 1, 2], adapter))
+    failures = {f.client_id: f.reason for f in out if isinstance(f, Failure)}
+    assert [u.client_id for u in out if isinstance(u, Update)] == [0]
+    assert "no connected SuperNode has client-id = 1" in failures[1]
+    assert "no longer client 2" in failures[2]
+
+
+def test_nodes_learn_client_ids_and_forget_nodes_that_left():
+    rt, _ = _runtime({})
+    rt.nodes.refresh()
+    assert rt.nodes.by_client == {0: 101, 1: 102, 2: 103}
+    del rt.grid.nodes[102]
+    rt.nodes.refresh()
+    assert rt.nodes.by_client == {0: 101, 2: 103}
+
+
+def test_core_code_does_not_import_flwr():
+    offenders = []
+    for py in (ROOT / "fedit").rglob("*.py"):
+        if "flower" in py.name:
+            continue
+        text = py.read_text()
+        if "import flwr" in text or "from flwr" in text:
+            offenders.append(str(py))
+    assert offenders == []
+
+
+def test_launcher_writes_an_app_with_only_code(tmp_path):
+    app = flower_cli.write_app(tmp_path / "app")
+    files = {str(p.relative_to(app)) for p in app.rglob("*") if p.is_file()}
+    assert "pyproject.toml" in files and "fedit/runtime/flower.py" in files
+    assert all(f == "pyproject.toml" or f.endswith(".py") for f in files)
+    import tomllib
+
+    conf = tomllib.loads((app / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
+    assert conf["components"]["serverapp"] == "fedit.runtime.flower:server_app"
+    assert set(conf["config"]) == set(flower.RUN_CONFIG)
+
+
+# ---------------------------------------------------------------- real deployments on 127.0.0.1
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def children(pid: int) -> list[int]:
+    """Every process below ``pid`` (walking /proc), so teardown can stop them by PID too."""
+    parent: dict[int, int] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                parent[int(d.name)] = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                pass
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        kids = [c for c, pp in parent.items() if pp == p]
+        out += kids
+        todo += kids
+    return out
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+class Deployment:
+    """A SuperLink (TLS + SuperNode authentication) and SuperNodes, each a process this object stops."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.logs = root / "logs"
+        self.logs.mkdir(parents=True)
+        self.home = root / "flwr-home"
+        self.home.mkdir()
+        self.env = {**flower_cli.flwr_env(self.home), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.port = free_ports(1)[0]
+        self.certs = root / "certs"
+
+    def _start(self, name: str, args: list[str]) -> subprocess.Popen:
+        log = open(self.logs / f"{name}.log", "w")
+        p = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.root,
+                             start_new_session=True)
+        log.close()
+        self.procs[name] = p
+        return p
+
+    def log(self, name: str) -> str:
+        return (self.logs / f"{name}.log").read_text(errors="replace")
+
+    def make_certificates(self) -> None:
+        """The commands of docs/flower.md, step 2."""
+        c = self.certs
+        c.mkdir()
+        run = lambda *a: subprocess.run(a, cwd=c, check=True, capture_output=True)  # noqa: E731
+        run("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "365", "-subj", "/CN=fedit-ca",
+            "-keyout", "ca.key", "-out", "ca.crt")
+        run("openssl", "req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", "server.key",
+            "-out", "server.csr")
+        (c / "server.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+        run("openssl", "x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+            "-days", "365", "-extfile", "server.ext", "-out", "server.crt")
+
+    def make_key(self, name: str) -> Path:
+        subprocess.run(["ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-C", name, "-f", name],
+                       cwd=self.certs, check=True, capture_output=True)
+        return self.certs / name
+
+    @property
+    def conn(self) -> dict:
+        return {"address": f"127.0.0.1:{self.port}", "root-certificates": str(self.certs / "ca.crt")}
+
+    def start_superlink(self) -> None:
+        c = self.certs
+        self._start("superlink", [str(BIN / "flower-superlink"), "--ssl-ca-certfile", str(c / "ca.crt"),
+                                  "--ssl-certfile", str(c / "server.crt"), "--ssl-keyfile", str(c / "server.key"),
+                                  "--enable-supernode-auth", "--disable-runtime-dependency-installation",
+                                  "--host", "127.0.0.1", "--port", str(self.port)])
+        flower_cli.write_connection(self.home, self.conn)
+        deadline = time.monotonic() + 90
+        while "Uvicorn running" not in self.log("superlink"):
+            assert self.procs["superlink"].poll() is None, self.log("superlink")
+            assert time.monotonic() < deadline, "the SuperLink did not start:\n" + self.log("superlink")
+            time.sleep(0.5)
+
+    def flwr(self, *args: str) -> dict:
+        done = subprocess.run([str(BIN / "flwr"), *args, "--format", "json"], capture_output=True, text=True,
+                              env=self.env)
+        return json.loads(done.stdout[done.stdout.index("{"):])
+
+    def register(self, key: Path) -> int:
+        out = self.flwr("supernode", "register", f"{key}.pub", flower_cli.CONNECTION)
+        assert out.get("success"), out
+        return int(out["node-id"])
+
+    def start_supernode(self, name: str, client_id: int, data: Path, key: Path, retries: int | None = None):
+        args = [str(BIN / "flower-supernode"), "--root-certificates", str(self.certs / "ca.crt"),
+                "--superlink", f"127.0.0.1:{self.port}", "--port", str(free_ports(1)[0]),
+                "--auth-supernode-private-key", str(key),
+                "--node-config", f'client-id={client_id} data-path="{data}"']
+        if retries is not None:
+            args += ["--max-retries", str(retries)]
+        return self._start(name, args)
+
+    def online(self) -> set[int]:
+        nodes = self.flwr("supernode", "list", flower_cli.CONNECTION).get("nodes", [])
+        return {int(n["node-id"]) for n in nodes if n["status"] == "online"}
+
+    def kill(self, name: str) -> None:
+        """SIGKILL a process and everything below it: a machine that dies, not one that shuts down."""
+        p = self.procs[name]
+        below = children(p.pid)
+        _signal_group(p.pid, signal.SIGKILL)  # its session: it was started with start_new_session
+        for pid in below:
+            _signal(pid, signal.SIGKILL)
+        p.wait(10)
+
+    def stop(self) -> None:
+        procs = list(self.procs.values())
+        below = {pid for p in procs for pid in children(p.pid)}
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        for p in procs:
+            try:
+                p.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(5)
+        # SuperExec, ServerApp and ClientApp processes the Flower processes started: they follow their
+        # parent down on their own within seconds; whatever is left then is killed by its PID.
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(_alive(pid) for pid in below):
+            time.sleep(0.5)
+        for p in procs:
+            _signal_group(p.pid, signal.SIGKILL)
+        for pid in below:
+            if _alive(pid):
+                _signal(pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+needs_tools = pytest.mark.skipif(not (shutil.which("openssl") and shutil.which("ssh-keygen")),
+                                 reason="needs openssl and ssh-keygen")
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory, tiny_model_dir):
+    """TLS + SuperNode auth on 127.0.0.1: clients 0, 1, 2 registered; an unregistered fourth node refused."""
+    from fedit.data import partition
+    from fedit.data.records import load_records
+
+    from conftest import make_records, write_jsonl
+
+    root = tmp_path_factory.mktemp("flower")
+    loaded = load_records(write_jsonl(root / "records.jsonl", make_records()))
+    sp = partition.split(loaded.records, 3, "iid", seed=1, test_per_category=2)
+    parts = root / "parts"
+    partition.write(parts, loaded, sp, scheme="iid", seed=1, alpha=0.5, test_per_category=2)
+
+    d = Deployment(root)
+    d.parts = parts
+    try:
+        d.make_certificates()
+        d.start_superlink()
+        d.node_ids = {}
+        for cid in range(3):
+            key = d.make_key(f"node{cid}")
+            d.node_ids[cid] = d.register(key)
+            d.start_supernode(f"node{cid}", cid, parts / f"client_00{cid}.jsonl", key)
+        d.start_supernode("intruder", 1, parts / "client_001.jsonl", d.make_key("intruder"), retries=1)
+        yield d
+    finally:
+        d.stop()
+
+
+def _launch(d: Deployment, cfg) -> tuple[int, str, list[str]]:
+    lines: list[str] = []
+    run_id, status = flower_cli.launch({"fedit-config": flower.config_to_text(flower_cli.absolute_paths(cfg)),
+                                        "min-nodes": 0, "node-wait": 120.0}, d.conn, lines.append)
+    return run_id, status, lines
+
+
+@needs_tools
+def test_unregistered_supernode_is_refused(deployment):
+    d = deployment
+    intruder = d.procs["intruder"]
+    deadline = time.monotonic() + 120
+    while intruder.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert intruder.poll() not in (None, 0), "an unregistered SuperNode must not stay connected"
+    assert "Failed to activate SuperNode" in d.log("intruder")
+    assert "No SuperNode found with the given public key" in d.log("superlink")
+    deadline = time.monotonic() + 60
+    while d.online() != set(d.node_ids.values()) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert d.online() == set(d.node_ids.values())
+
+
+@needs_tools
+def test_deployment_matches_in_process_simulation(deployment, tmp_path, tiny_model_dir):
+    d = deployment
+    sim_cfg = tiny_config(tiny_model_dir, d.parts, tmp_path / "sim", federation={"rounds": 2, "clients_per_round": 2})
+    runner.run(sim_cfg)
+    cfg = tiny_config(tiny_model_dir, d.parts, tmp_path / "flower", federation={"rounds": 2, "clients_per_round": 2})
+    run_id, status, lines = _launch(d, cfg)
+    assert status == "finished:completed", "\n".join(lines)
+    sim, dep = server.RunDir(tmp_path / "sim"), server.RunDir(tmp_path / "flower")
+    assert [r["clients"] for r in dep.events("round")] == [r["clients"] for r in sim.events("round")] == [[], [1, 2], [0, 2]]
+    assert all(c["accepted"] for c in dep.events("client")) and len(dep.events("client")) == 4
+    for r in (1, 2):
+        a, b = load_adapter_file(sim.round_dir(r)), load_adapter_file(dep.round_dir(r))
+        assert set(a) == set(b)
+        for k in a:
+            assert torch.allclose(a[k], b[k], atol=1e-6, rtol=1e-5), (r, k)
+    sim_loss = [r["eval"]["loss"] for r in sim.events("round")]
+    assert [r["eval"]["loss"] for r in dep.events("round")] == pytest.approx(sim_loss, rel=1e-5)
+    # the same run directory as `fedit run`: resolved config, PEFT adapters, resume state
+    for name in ["config.toml", "run.json", "state.json", "adapter/adapter_config.json", "loss.png"]:
+        assert (tmp_path / "flower" / name).exists(), name
+    assert json.loads((tmp_path / "flower" / "run.json").read_text())["flower"]["client_ids"] == [0, 1, 2]
+    # each train reply reports what loading the base model cost in that fresh ClientApp process
+    assert all(c["load_seconds"] > 0 for c in dep.events("client"))
+
+
+@needs_tools
+def test_supernode_killed_mid_round_is_dropped_and_the_run_goes_on(deployment, tmp_path, tiny_model_dir):
+    d = deployment
+    # round 1 trains clients 1 and 2, round 2 clients 0 and 2 (seed 7): client 1 dies during round 1
+    cfg = tiny_config(tiny_model_dir, d.parts, tmp_path / "killed",
+                      federation={"rounds": 2, "clients_per_round": 2, "min_replies": 1})
+    victim = d.procs["node1"]
+    killed = threading.Event()
+
+    def kill_when_training() -> None:
+        # Every message runs in a fresh flwr-clientapp process: the first answers the server's query
+        # (which client are you), the second trains round 1.
+        seen: set[int] = set()
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            seen |= {p for p in children(victim.pid) if "flwr-clientapp" in cmdline(p)}
+            if len(seen) >= 2:
+                d.kill("node1")
+                killed.set()
+                return
+            time.sleep(0.1)
+
+    watcher = threading.Thread(target=kill_when_training, daemon=True)
+    watcher.start()
+    run_id, status, lines = _launch(d, cfg)
+    watcher.join(5)
+    assert killed.is_set(), "client 1's SuperNode never started a ClientApp"
+    assert status == "finished:completed", "\n".join(lines)
+    rd = server.RunDir(tmp_path / "killed")
+    rounds = rd.events("round")
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    assert [r["accepted"] for r in rounds[1:]] == [1, 2]
+    drops = [c for c in rd.events("client") if not c["accepted"]]
+    assert [(c["round"], c["client"]) for c in drops] == [(1, 1)]
+    assert "SuperNode unavailable" in drops[0]["reason"], drops[0]["reason"]
+    assert rounds[1]["rejected"] == [{"client": 1, "reason": drops[0]["reason"]}]
+    accepted = [(c["round"], c["client"]) for c in rd.events("client") if c["accepted"]]
+    assert sorted(accepted) == [(1, 2), (2, 0), (2, 2)]
+    assert any("client 1 dropped" in line for line in lines)
