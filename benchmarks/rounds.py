@@ -1,13 +1,14 @@
 """The round around the clients: its overhead, memory with many clients, aggregation, bytes on the wire.
 
 Each measurement that reports a peak RSS runs in a child process of its own, so the
-high-water mark belongs to that measurement alone.
+high-water mark belongs to that measurement alone. It is read from VmHWM in
+/proc/self/status, which starts afresh at exec; getrusage's ru_maxrss does not (Linux
+carries it across exec, so a child would report the parent's peak).
 """
 
 from __future__ import annotations
 
 import json
-import resource
 import subprocess
 import sys
 import textwrap
@@ -17,9 +18,17 @@ from pathlib import Path
 from benchmarks.throughput import DOLLY
 
 
+PEAK_RSS = """
+def peak_rss_mb():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+"""
+
+
 def _child(code: str) -> dict:
-    """Run ``code`` in a fresh interpreter; it prints one JSON object on its last line."""
-    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+    """Run ``code`` in a fresh interpreter (with ``peak_rss_mb()``); it prints one JSON object on its last line."""
+    out = subprocess.run([sys.executable, "-c", PEAK_RSS + textwrap.dedent(code)], capture_output=True, text=True,
                          cwd=Path(__file__).resolve().parents[1])
     if out.returncode != 0:
         raise RuntimeError(f"benchmark child failed:\n{out.stderr[-3000:]}")
@@ -41,12 +50,12 @@ def partition(out: Path, clients: int) -> Path:
 def run_in_child(clients_dir: Path, out: Path, overrides: list[str]) -> dict:
     """A `fedit run` in a fresh process: its round rows and its peak RSS."""
     return _child(f"""
-        import json, resource
+        import json
         from fedit import config, runner, server
         cfg = config.load(None, {[f"data.clients_dir={clients_dir}", f"run.out={out}", "run.progress=false"] + overrides!r})
         run_dir = runner.run(cfg)
         rows = server.RunDir(run_dir).events()
-        print(json.dumps({{"rows": rows, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+        print(json.dumps({{"rows": rows, "peak_rss_mb": peak_rss_mb()}}))
     """)
 
 
@@ -95,7 +104,7 @@ def aggregation(adapter_file: Path, n: int = 100) -> dict:
     """Time and peak memory of FedAvg over ``n`` client adapters of the real adapter's shapes,
     streamed one at a time as the in-process runtime delivers them."""
     return _child(f"""
-        import json, resource, time, torch
+        import json, time, torch
         from safetensors.torch import load_file
         from fedit.client import Update
         from fedit.strategies.fedavg import FedAvg
@@ -105,9 +114,9 @@ def aggregation(adapter_file: Path, n: int = 100) -> dict:
             for i in range({n}):
                 yield Update(i, {{k: v + i for k, v in g.items()}}, 100 + i)
         t = time.perf_counter(); sum(1 for _ in updates()); make = time.perf_counter() - t
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        base = peak_rss_mb()
         t = time.perf_counter(); new, used = FedAvg().aggregate(g, updates()); total = time.perf_counter() - t
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        peak = peak_rss_mb()
         print(json.dumps({{"clients": used, "seconds": total - make, "seconds_with_update_creation": total,
                           "adapter_mb": adapter_mb, "peak_rss_increase_mb": peak - base}}))
     """)

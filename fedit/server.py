@@ -167,16 +167,19 @@ def run(cfg: Config, runtime: Runtime, run_dir: str | Path, *, client_ids: list[
             t_eval = time.perf_counter()
             row["eval"] = evaluate(global_adapter)
             row["eval_seconds"] = round(time.perf_counter() - t_eval, 3)
-        row["seconds"] = round(time.perf_counter() - t0, 3)
-        _finish_round(rd, r, global_adapter, row, save_adapter)
+        _finish_round(rd, r, global_adapter, row, save_adapter, t0)
         hooks.round_end(row)
 
     save_adapter(global_adapter, rd.path / "adapter")  # the final global adapter, where users look first
     return global_adapter
 
 
-def _finish_round(rd: RunDir, r: int, adapter: Adapter, row: dict, save_adapter) -> None:
+def _finish_round(rd: RunDir, r: int, adapter: Adapter, row: dict, save_adapter, t0: float | None = None) -> None:
+    t = time.perf_counter()
     save_adapter(adapter, rd.round_dir(r))
+    row["checkpoint_seconds"] = round(time.perf_counter() - t, 3)
+    if t0 is not None:  # the round's wall time includes its checkpoint
+        row["seconds"] = round(time.perf_counter() - t0, 3)
     rd.append(**row)
     atomic_write_json(rd.state, {"round": r, "metrics_offset": rd.metrics.stat().st_size,
                                  "adapter": str(rd.round_dir(r).relative_to(rd.path))})

@@ -186,6 +186,7 @@ def plot_heterogeneity(manifest: dict, path: Path) -> None:
     alpha = f", alpha={manifest['alpha']}" if manifest.get("alpha") else ""
     ax.set_title(f"{manifest['scheme']} split of {int(counts.sum())} records over {len(clients)} clients{alpha}")
     ax.set_xlim(-0.6, len(clients) - 0.4)
+    ax.set_ylim(0, counts.sum(axis=1).max() * 1.05)  # headroom: the tallest client is not cut by the frame
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
