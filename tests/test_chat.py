@@ -330,7 +330,7 @@ class Browser:
 @pytest.fixture()
 def browser():
     if not CHROMIUM.exists():
-        pytest.skip("/usr/bin/chromium is absent: apt-get install -y chromium (the web chat test needs a browser)")
+        pytest.fail("/usr/bin/chromium is absent: apt-get install -y chromium (the web chat test needs a browser)")
     b = Browser()
     yield b
     b.close()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -22,14 +21,12 @@ from pathlib import Path
 import pytest
 import torch
 
-flwr = pytest.importorskip("flwr")
+from fedit import runner, server
+from fedit.client import Failure, Update
+from fedit.model import load_adapter_file
+from fedit.runtime import flower, flower_cli
 
-from fedit import runner, server  # noqa: E402
-from fedit.client import Failure, Update  # noqa: E402
-from fedit.model import load_adapter_file  # noqa: E402
-from fedit.runtime import flower, flower_cli  # noqa: E402
-
-from conftest import ROOT, tiny_config  # noqa: E402
+from conftest import ROOT, tiny_config
 
 BIN = Path(sys.executable).parent
 
@@ -331,10 +328,6 @@ def _signal_group(pgid: int, sig: int) -> None:
         pass
 
 
-needs_tools = pytest.mark.skipif(not (shutil.which("openssl") and shutil.which("ssh-keygen")),
-                                 reason="needs openssl and ssh-keygen")
-
-
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory, tiny_model_dir):
     """TLS + SuperNode auth on 127.0.0.1: clients 0, 1, 2 registered; an unregistered fourth node refused."""
@@ -372,7 +365,6 @@ def _launch(d: Deployment, cfg) -> tuple[int, str, list[str]]:
     return run_id, status, lines
 
 
-@needs_tools
 def test_unregistered_supernode_is_refused(deployment):
     d = deployment
     intruder = d.procs["intruder"]
@@ -388,7 +380,6 @@ def test_unregistered_supernode_is_refused(deployment):
     assert d.online() == set(d.node_ids.values())
 
 
-@needs_tools
 def test_deployment_matches_in_process_simulation(deployment, tmp_path, tiny_model_dir):
     d = deployment
     sim_cfg = tiny_config(tiny_model_dir, d.parts, tmp_path / "sim", federation={"rounds": 2, "clients_per_round": 2})
@@ -414,7 +405,6 @@ def test_deployment_matches_in_process_simulation(deployment, tmp_path, tiny_mod
     assert all(c["load_seconds"] > 0 for c in dep.events("client"))
 
 
-@needs_tools
 def test_supernode_killed_mid_round_is_dropped_and_the_run_goes_on(deployment, tmp_path, tiny_model_dir):
     d = deployment
     # round 1 trains clients 1 and 2, round 2 clients 0 and 2 (seed 7): client 1 dies during round 1
@@ -453,3 +443,32 @@ def test_supernode_killed_mid_round_is_dropped_and_the_run_goes_on(deployment, t
     accepted = [(c["round"], c["client"]) for c in rd.events("client") if c["accepted"]]
     assert sorted(accepted) == [(1, 2), (2, 0), (2, 2)]
     assert any("client 1 dropped" in line for line in lines)
+
+
+def test_flower_simulation_runtime_matches_in_process_simulation(deployment, tmp_path, tiny_model_dir):
+    """Flower's own simulation runtime (a SuperLink started with --simulation, virtual SuperNodes whose
+    partition-id is the client id, data from data.clients_dir): the same global adapter as `fedit run`."""
+    d = Deployment(tmp_path / "sim-link")
+    try:
+        d._start("superlink", [str(BIN / "flower-superlink"), "--simulation", "--insecure",
+                               "--disable-runtime-dependency-installation", "--host", "127.0.0.1",
+                               "--port", str(d.port)])
+        deadline = time.monotonic() + 90
+        while "Uvicorn running" not in d.log("superlink"):
+            assert d.procs["superlink"].poll() is None, d.log("superlink")
+            assert time.monotonic() < deadline, "the simulation SuperLink did not start:\n" + d.log("superlink")
+            time.sleep(0.5)
+        sections = {"federation": {"rounds": 1, "clients_per_round": 2}}
+        runner.run(tiny_config(tiny_model_dir, deployment.parts, tmp_path / "sim", **sections))
+        cfg = flower_cli.absolute_paths(tiny_config(tiny_model_dir, deployment.parts, tmp_path / "ray", **sections))
+        lines: list[str] = []
+        run_id, status = flower_cli.launch({"fedit-config": flower.config_to_text(cfg), "min-nodes": 0,
+                                            "node-wait": 120.0},
+                                           {"address": f"127.0.0.1:{d.port}", "insecure": True,
+                                            "options": {"num-supernodes": 3}}, lines.append)
+        assert status == "finished:completed", "\n".join(lines)
+        a = load_adapter_file(server.RunDir(tmp_path / "sim").round_dir(1))
+        b = load_adapter_file(server.RunDir(tmp_path / "ray").round_dir(1))
+        assert set(a) == set(b) and all(torch.allclose(a[k], b[k], atol=1e-6, rtol=1e-5) for k in a)
+    finally:
+        d.stop()
