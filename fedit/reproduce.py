@@ -76,7 +76,7 @@ SCALES = {
                 "eval": {"max_new_tokens": 32, "batch_size": 8}},
         table3_questions=2),
     "small": Scale(
-        "small", "a scaled-down Table 2 within about an hour on 2 CPU cores (SmolLM2-135M)",
+        "small", "a scaled-down Table 2, about 75 minutes on 2 CPU cores (SmolLM2-135M)",
         records=2040, test_per_category=5, clients=20, min_client_size=20,
         config={"federation": {"rounds": 5, "clients_per_round": 4},
                 "train": {"batch_size": 16, "micro_batch_size": 8, "lr": 5e-4, "cutoff_len": 256},
