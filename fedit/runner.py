@@ -1,8 +1,9 @@
 """`fedit run`: put the pieces together for an in-process run and show its progress.
 
 Loads the base model once, attaches the LoRA adapter, reads the partition,
-and hands the round loop (server.run) an in-process Simulation. The same
-``prepare`` serves the Flower server side, which evaluates and checkpoints alike.
+and hands the round loop (server.run) an in-process Simulation. The Flower
+server side (runtime/flower.py) shares ``resolve_run`` and ``run_metadata`` but
+prepares without client files: they live on the client machines.
 """
 
 from __future__ import annotations
