@@ -26,7 +26,7 @@ def peak_rss_mb():
 """
 
 
-def _child(code: str) -> dict:
+def in_child(code: str) -> dict:
     """Run ``code`` in a fresh interpreter (with ``peak_rss_mb()``); it prints one JSON object on its last line."""
     out = subprocess.run([sys.executable, "-c", PEAK_RSS + textwrap.dedent(code)], capture_output=True, text=True,
                          cwd=Path(__file__).resolve().parents[1])
@@ -49,7 +49,7 @@ def partition(out: Path, clients: int) -> Path:
 
 def run_in_child(clients_dir: Path, out: Path, overrides: list[str]) -> dict:
     """A `fedit run` in a fresh process: its round rows and its peak RSS."""
-    return _child(f"""
+    return in_child(f"""
         import json
         from fedit import config, runner, server
         cfg = config.load(None, {[f"data.clients_dir={clients_dir}", f"run.out={out}", "run.progress=false"] + overrides!r})
@@ -103,7 +103,7 @@ def memory_vs_clients(work: Path, counts: tuple[int, ...] = (10, 1000)) -> dict:
 def aggregation(adapter_file: Path, n: int = 100) -> dict:
     """Time and peak memory of FedAvg over ``n`` client adapters of the real adapter's shapes,
     streamed one at a time as the in-process runtime delivers them."""
-    return _child(f"""
+    return in_child(f"""
         import json, time, torch
         from safetensors.torch import load_file
         from fedit.client import Update
