@@ -94,7 +94,7 @@ def test_bf16_model_on_cpu_trains_with_fedit_attention_and_the_same_loss(tiny_mo
         loss.backward()
         results[impl] = loss.item(), {n: p.grad.float() for n, p in loaded.model.named_parameters() if p.requires_grad}
     (ours, g_ours), (ref, g_ref) = results[attention.NAME], results["sdpa"]
-    assert ours == ref  # same forward kernel: the loss is bit-identical
+    assert ours == pytest.approx(ref, rel=1e-6)  # same forward kernel (bit-identical on this machine)
     for n in g_ref:
         assert (g_ours[n] - g_ref[n]).abs().max() <= 0.05 * g_ref[n].abs().max() + 1e-6, n
 
