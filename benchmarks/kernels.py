@@ -1,11 +1,13 @@
-"""The two CPU kernels fedit replaces, timed against what they replace (docs/performance.md).
+"""fedit's three CPU fast paths, timed against what they replace (docs/performance.md).
 
     python -m benchmarks.kernels
 
 - causal attention backward at Dolly-like lengths: torch's bf16 flash backward (with GQA,
   as transformers' SDPA path calls it) vs fedit's (same kernel on fp32 copies below
   fedit.attention.FP32_BACKWARD_MAX_LEN tokens); the forward is the same kernel in both;
-- LoRA dropout forward + backward: torch.nn.Dropout vs fedit's FastDropout.
+- LoRA dropout forward + backward: torch.nn.Dropout vs fedit's FastDropout;
+- one LoRA Linear layer (576 -> 1536, rank 8) forward + backward under bf16 autocast: peft's
+  forward vs fedit's training forward.
 
 Each figure is the best of a few repetitions (noise on a shared machine only adds time).
 """
@@ -63,6 +65,37 @@ def dropout(shape=(8, 256, 576), p: float = 0.05) -> dict:
             "fedit_ms": best_ms(lambda: ours(x).backward(grad))}
 
 
+def lora_linear(shape=(8, 256, 576), out_features: int = 1536) -> dict:
+    import types
+
+    from peft import LoraConfig, get_peft_model
+
+    from fedit.model import _lora_linear_training_forward
+
+    class One(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(shape[-1], out_features, bias=False, dtype=torch.bfloat16)
+
+        def forward(self, x):
+            return self.proj(x)
+
+    model = get_peft_model(One(), LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["proj"]))
+    layer = model.base_model.model.proj
+    torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.01)
+    x = torch.randn(*shape, dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn(*shape[:-1], out_features, dtype=torch.bfloat16)
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(x)
+        y.backward(grad)
+
+    peft_ms = best_ms(step)
+    layer.forward = types.MethodType(_lora_linear_training_forward, layer)
+    return {"shape": list(shape), "out_features": out_features, "peft_ms": peft_ms, "fedit_ms": best_ms(step)}
+
+
 def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print("causal attention forward + backward, (8, 9 heads / 3 kv heads, L, 64), bf16:")
@@ -72,6 +105,9 @@ def main() -> None:
     d = dropout()
     print(f"LoRA dropout forward + backward, {tuple(d['shape'])}, bf16: torch {d['torch_ms']:.1f} ms, "
           f"fedit {d['fedit_ms']:.1f} ms, {d['torch_ms'] / d['fedit_ms']:.2f}x")
+    lo = lora_linear()
+    print(f"LoRA Linear 576 -> {lo['out_features']} forward + backward, {tuple(lo['shape'])}, bf16 autocast: "
+          f"peft {lo['peft_ms']:.1f} ms, fedit {lo['fedit_ms']:.1f} ms, {lo['peft_ms'] / lo['fedit_ms']:.2f}x")
 
 
 if __name__ == "__main__":
