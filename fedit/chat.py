@@ -301,7 +301,11 @@ class Handler(BaseHTTPRequestHandler):
 class ChatServer(ThreadingHTTPServer):
     """A threaded HTTP server for one ``Chat`` (``chat`` may be set after binding, while the model loads)."""
 
-    daemon_threads = True
+    # server_close() waits for the request threads: a daemon thread still inside torch when
+    # the interpreter exits is killed mid-C++ and aborts the process ("terminate called
+    # without an active exception", exit -6), so SIGTERM would not be a clean stop.
+    daemon_threads = False
+    block_on_close = True
 
     def __init__(self, address, chat: Chat):
         self.chat = chat
