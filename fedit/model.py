@@ -274,11 +274,15 @@ class FastDropout(torch.nn.Module):
         self.p, self.rng = p, rng
         self.threshold = int(round(p * 65536))
         self.scale = 1.0 / (1.0 - self.threshold / 65536)
+        self._scale_bits: dict[torch.dtype, np.ndarray] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.threshold == 0:
             return x
-        scale_bits = torch.tensor(self.scale, dtype=x.dtype).view(_UINT_OF_WIDTH[x.element_size()]).numpy()
+        scale_bits = self._scale_bits.get(x.dtype)
+        if scale_bits is None:  # once per dtype, not on every call of the training loop
+            scale_bits = torch.tensor(self.scale, dtype=x.dtype).view(_UINT_OF_WIDTH[x.element_size()]).numpy()
+            self._scale_bits[x.dtype] = scale_bits
         keep = self.rng.uint16(x.numel()).reshape(x.shape) >= self.threshold
         mask = torch.from_numpy(keep * scale_bits).view(x.dtype)  # bool * uint -> uint of the same width
         return x * mask.to(x.device)
