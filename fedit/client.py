@@ -49,7 +49,7 @@ def train(loaded: Loaded, global_adapter: Adapter, examples: list[Example], cfg:
     model = loaded.model
     set_adapter(model, global_adapter)
     model.train()
-    loaded.seed(seed)  # LoRA dropout
+    torch.manual_seed(seed)  # LoRA dropout, FastDropout's masks included
     steps = plan_steps(len(examples), cfg.batch_size, cfg.local_epochs, cfg.max_steps, np.random.default_rng(seed))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)

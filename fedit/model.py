@@ -174,13 +174,6 @@ class Loaded:
     dtype: torch.dtype  # compute dtype (bf16 autocast or fp32)
     source: str
     initial_adapter: Adapter | None = None  # the seeded LoRA init: round 0 of every run
-    dropout_rng: "DropoutRNG | None" = None  # FastDropout's stream (CPU), seeded with torch's
-
-    def seed(self, seed: int) -> None:
-        """Seed every random draw of training: torch's and FastDropout's."""
-        torch.manual_seed(seed)
-        if self.dropout_rng is not None:
-            self.dropout_rng.seed(seed)
 
     def autocast(self):
         """bf16 autocast where chosen; a no-op context in fp32."""
@@ -211,7 +204,7 @@ def load_base(cfg: ModelConfig) -> Loaded:
         tok.pad_token = tok.eos_token
     model.to(device)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     model.config.use_cache = False
     if device.type == "cpu" and dtype == torch.bfloat16 and model.config._attn_implementation == "sdpa":
@@ -239,18 +232,16 @@ def attach_lora(loaded: Loaded, cfg: LoraConfig, seed: int) -> None:
     loaded.initial_adapter = get_adapter(loaded.model)
 
 
-class DropoutRNG:
-    """The random stream of every FastDropout of a model; reseeded per client and round."""
+def _uniform16(n: int) -> np.ndarray:
+    """n 16-bit uniforms from a PCG64 stream seeded by torch's generator.
 
-    def __init__(self, seed: int = 0):
-        self.seed(seed)
-
-    def seed(self, seed: int) -> None:
-        self.bits = np.random.PCG64(seed)
-
-    def uint16(self, n: int) -> np.ndarray:
-        # Raw 64-bit draws cut into four 16-bit uniforms: ~5x faster than Generator.bytes.
-        return self.bits.random_raw((n + 3) // 4).view(np.uint16)[:n]
+    Seeding from torch ties the masks to torch.manual_seed (so a client's training is
+    reproducible and resume is exact) and lets activation checkpointing, which restores
+    torch's RNG state before it reruns a forward, recompute the same masks. Raw 64-bit draws
+    cut into four 16-bit uniforms are ~5x faster than Generator.bytes.
+    """
+    seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
+    return np.random.PCG64(seed).random_raw((n + 3) // 4).view(np.uint16)[:n]
 
 
 _UINT_OF_WIDTH = {2: torch.uint16, 4: torch.uint32}
@@ -269,9 +260,9 @@ class FastDropout(torch.nn.Module):
     the mask is built as the bit pattern of that value in an unsigned integer of the same width.
     """
 
-    def __init__(self, p: float, rng: DropoutRNG):
+    def __init__(self, p: float):
         super().__init__()
-        self.p, self.rng = p, rng
+        self.p = p
         self.threshold = int(round(p * 65536))
         self.scale = 1.0 / (1.0 - self.threshold / 65536)
         self._scale_bits: dict[torch.dtype, np.ndarray] = {}
@@ -283,7 +274,7 @@ class FastDropout(torch.nn.Module):
         if scale_bits is None:  # once per dtype, not on every call of the training loop
             scale_bits = torch.tensor(self.scale, dtype=x.dtype).view(_UINT_OF_WIDTH[x.element_size()]).numpy()
             self._scale_bits[x.dtype] = scale_bits
-        keep = self.rng.uint16(x.numel()).reshape(x.shape) >= self.threshold
+        keep = _uniform16(x.numel()).reshape(x.shape) >= self.threshold
         mask = torch.from_numpy(keep * scale_bits).view(x.dtype)  # bool * uint -> uint of the same width
         return x * mask.to(x.device)
 
@@ -323,14 +314,13 @@ def _speed_up_lora_on_cpu(loaded: Loaded) -> None:
     from peft.tuners.lora import LoraLayer
     from peft.tuners.lora.layer import Linear as LoraLinear
 
-    loaded.dropout_rng = DropoutRNG()
     for module in loaded.model.modules():
         if isinstance(module, LoraLayer):
             if loaded.dtype == torch.bfloat16:
                 module.cast_input_dtype_enabled = False
             for name, drop in module.lora_dropout.items():
                 if isinstance(drop, torch.nn.Dropout):
-                    module.lora_dropout[name] = FastDropout(drop.p, loaded.dropout_rng)
+                    module.lora_dropout[name] = FastDropout(drop.p)
         if type(module) is LoraLinear:
             module.forward = types.MethodType(_lora_linear_training_forward, module)
 

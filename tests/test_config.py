@@ -36,6 +36,8 @@ def test_cross_field_checks():
         config.load(None, ["train.batch_size=10", "train.micro_batch_size=4"])
     with pytest.raises(FeditError, match="choose one of fedavg"):
         config.load(None, ["federation.strategy=fedfoo"])
+    with pytest.raises(FeditError, match="model.quantize needs a CUDA GPU"):
+        config.load(None, ["model.quantize=4bit", "model.device=cpu"])
 
 
 def test_bad_toml_and_missing_file(tmp_path):

@@ -9,7 +9,7 @@ from fedit.config import LoraConfig, ModelConfig
 from fedit.data.batches import collate, tokenize
 from fedit.loss import token_losses
 from fedit.data.records import Record
-from fedit.model import DropoutRNG, FastDropout, attach_lora, load_base
+from fedit.model import FastDropout, attach_lora, load_base
 
 RECS = [Record("Name a colour.", "", "Blue.", "open_qa"),
         Record("Is 2 even?", "", "Yes, 2 is even because it divides by two.", "closed_qa")]
@@ -18,8 +18,9 @@ RECS = [Record("Name a colour.", "", "Blue.", "open_qa"),
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_fast_dropout_is_inverted_dropout(dtype):
     p = 0.05
-    drop = FastDropout(p, DropoutRNG(7)).train()
+    drop = FastDropout(p).train()
     x = (torch.rand(400, 500) + 0.5).to(dtype).requires_grad_()
+    torch.manual_seed(7)
     y = drop(x)
     kept = y != 0
     n = kept.numel()
@@ -30,10 +31,9 @@ def test_fast_dropout_is_inverted_dropout(dtype):
     assert y.dtype == dtype and torch.equal(y[kept], x[kept] * scale)
     y.sum().backward()
     assert torch.equal(x.grad, kept.to(dtype) * scale)
-    drop.rng.seed(7)
-    assert torch.equal(drop(x), y)  # reseeded: the same mask (resume depends on it)
-    drop.rng.seed(8)
-    assert not torch.equal(drop(x), y)
+    assert not torch.equal(drop(x), y)  # a fresh mask on every call
+    torch.manual_seed(7)
+    assert torch.equal(drop(x), y)  # torch reseeded: the same mask (resume depends on it)
     assert drop.eval()(x) is x
 
 
@@ -127,3 +127,42 @@ def test_lora_training_forward_equals_peft(tiny_model_dir):
     assert ours == pytest.approx(peft, rel=1e-6)
     for n in g_peft:
         assert torch.allclose(g_ours[n], g_peft[n], rtol=1e-4, atol=1e-7), n
+
+
+def test_gradient_checkpointing_recomputes_the_same_dropout_masks(tiny_model_dir):
+    """Checkpointing reruns the forward in the backward pass: LoRA dropout must draw the same masks again."""
+    batch = collate(tokenize(RECS, _tokenizer(tiny_model_dir), cutoff_len=512), 0)
+    results = []
+    for checkpointing in (False, True):
+        loaded = load_base(ModelConfig(name=str(tiny_model_dir), dtype="fp32", device="cpu",
+                                       gradient_checkpointing=checkpointing))
+        attach_lora(loaded, LoraConfig(r=4, alpha=8, dropout=0.3), seed=0)
+        with torch.no_grad():
+            for name, p in loaded.model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.1)
+        loaded.model.train()
+        torch.manual_seed(123)
+        loss = token_losses(loaded.model, batch)[0].mean()
+        loss.backward()
+        results.append((loss.item(), {n: p.grad.clone() for n, p in loaded.model.named_parameters()
+                                      if p.requires_grad}))
+    (plain, g_plain), (ckpt, g_ckpt) = results
+    assert ckpt == pytest.approx(plain, rel=1e-6)
+    for n in g_plain:
+        assert torch.allclose(g_ckpt[n], g_plain[n], rtol=1e-4, atol=1e-7), n
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU would accept quantized weights")
+def test_quantized_base_weights_on_a_cpu_say_what_to_do(tiny_model_dir):
+    """model.device = "auto" resolves to the CPU here: 4/8-bit weights are refused before any loading."""
+    from fedit.errors import FeditError
+
+    with pytest.raises(FeditError, match='needs a CUDA GPU.*model.quantize = "none"'):
+        load_base(ModelConfig(name=str(tiny_model_dir), device="auto", quantize="8bit"))
+
+
+def _tokenizer(model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
