@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
 NAME = "fedit_cpu_causal"
@@ -56,3 +57,6 @@ def causal_attention(module, query, key, value, attention_mask, dropout=0.0, sca
 
 
 AttentionInterface.register(NAME, causal_attention)
+# transformers builds no mask at all for an attention it does not know, so left-padded batches
+# in generation would attend to their padding; masks are built as for SDPA (none when causal suffices).
+AttentionMaskInterface.register(NAME, sdpa_mask)

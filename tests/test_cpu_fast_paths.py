@@ -99,6 +99,25 @@ def test_bf16_model_on_cpu_trains_with_fedit_attention_and_the_same_loss(tiny_mo
         assert (g_ours[n] - g_ref[n]).abs().max() <= 0.05 * g_ref[n].abs().max() + 1e-6, n
 
 
+def test_fedit_attention_masks_left_padding_in_batched_generation(tiny_model_dir, monkeypatch):
+    """Training takes the fast causal path (no mask needed); a left-padded generation batch gets its mask."""
+    from fedit.inference import generate
+
+    loaded = load_base(ModelConfig(name=str(tiny_model_dir), dtype="bf16", device="cpu"))
+    attach_lora(loaded, LoraConfig(r=4, alpha=8, dropout=0.0), seed=0)
+    fast_calls = []
+    apply = attention._CausalAttention.apply
+    monkeypatch.setattr(attention._CausalAttention, "apply", lambda *a: fast_calls.append(1) or apply(*a))
+    loaded.model.train()
+    batch = collate(tokenize(RECS, loaded.tokenizer, cutoff_len=512), loaded.tokenizer.pad_token_id)
+    with loaded.autocast():
+        token_losses(loaded.model, batch)[0].mean().backward()
+    assert fast_calls, "training should use fedit's causal attention, not the masked SDPA path"
+    prompts = ["Name a colour please, a nice one, with a prompt long enough to need left padding.", "Hi"]
+    one_by_one = [generate(loaded, [p], max_new_tokens=8, batch_size=1)[0] for p in prompts]
+    assert generate(loaded, prompts, max_new_tokens=8, batch_size=2) == one_by_one
+
+
 def test_lora_training_forward_equals_peft(tiny_model_dir):
     """The fused LoRA forward (scaling on the rank-r side, addmm) gives peft's outputs and gradients."""
     from peft.tuners.lora.layer import Linear as LoraLinear
