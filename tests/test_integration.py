@@ -43,8 +43,8 @@ def test_three_clients_two_rounds_fixed_losses(tmp_path, tiny_model_dir, partiti
     assert json.loads((run_dir / "state.json").read_text())["round"] == 2
 
 
-EXPECTED_EVAL = [5.912297833710909, 5.57496427372098, 5.212222393602133]
-EXPECTED_TRAIN = [5.78105978532271, 5.773796016054604, 5.7912700445582175, 5.432865374016039, 5.423213189251944, 5.395878428694593]
+EXPECTED_EVAL = [5.912297826260328, 5.57610335201025, 5.211272478103638]
+EXPECTED_TRAIN = [5.7829900799375595, 5.774497363700376, 5.789580851917985, 5.436602621367483, 5.421221393372368, 5.392046238089207]
 
 
 def test_final_adapter_opens_in_peft_and_matches(tmp_path, tiny_model_dir, partition_dir):
