@@ -79,7 +79,8 @@ def table(r: dict) -> str:
         n = t["naive"]
         lines.append(f"| naive loop (new Trainer per client, fp32, pad to longest, torch.save) | "
                      f"{n['tokens_per_s']:.0f} real tokens/s |")
-    lines.append(f"| fedit client loop ({t['fedit_dtype']}, attention {t.get('attention', 'sdpa')}) | "
+    batches = "packed" if t.get("packed") else "padded"
+    lines.append(f"| fedit client loop ({t['fedit_dtype']}, attention {t.get('attention', 'sdpa')}, {batches} batches) | "
                  f"{f['tokens_per_s']:.0f} real tokens/s |")
     if "speedup" in t:
         lines.append(f"| fedit / naive | {t['speedup']:.2f}x |")

@@ -8,7 +8,8 @@ count the same thing: real (non-padding) input tokens per second of training.
   longest example (DataCollatorForSeq2Seq), the adapter saved with torch.save and
   loaded back from disk for aggregation.
 - fedit: ``fedit.client.train`` with the automatic dtype (bf16 autocast on this CPU),
-  steps sorted by length into micro-batches, the LM head only on labelled tokens.
+  micro-batches packed without padding where fedit's CPU attention is chosen (else
+  sorted by length and padded), the LM head only on labelled tokens.
 - limit: the measured bf16 and fp32 matmul peak; fedit's model FLOPs utilization (MFU)
   against the bf16 peak.
 
@@ -165,7 +166,7 @@ def run(model_name: str, n_clients: int = 2, per_client: int = 32, cutoff: int =
                            "padded_tokens_naive": padded},
               "fedit": dict(best, all_tokens_per_s=[r["tokens_per_s"] for r in fedit_runs]),
               "fedit_dtype": str(loaded.dtype).replace("torch.", ""),
-              "attention": loaded.model.config._attn_implementation}
+              "attention": loaded.model.config._attn_implementation, "packed": loaded.packed}
     f = result["fedit"]
     flops = train_flops(loaded.model.get_base_model().config, f["tokens"], f["labelled_tokens"])
     del loaded

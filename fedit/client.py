@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from fedit.config import TrainConfig
-from fedit.data.batches import Example, collate, micro_batches, plan_steps
+from fedit.data.batches import Example, make_batch, micro_batches, plan_steps
 from fedit.loss import token_losses
 from fedit.model import Adapter, Loaded, get_adapter, set_adapter
 
@@ -60,7 +60,7 @@ def train(loaded: Loaded, global_adapter: Adapter, examples: list[Example], cfg:
         if step_tokens == 0:  # every response truncated away: nothing to learn from this step
             continue
         for mb in micro_batches(step, examples, cfg.micro_batch_size):
-            batch = {k: v.to(loaded.device) for k, v in collate([examples[i] for i in mb], pad).items()}
+            batch = make_batch([examples[i] for i in mb], pad, loaded.packed, loaded.device)
             with loaded.autocast():
                 losses, _ = token_losses(model, batch)
             # Divide by the step's token count, not the micro-batch's: the sum over micro-batches

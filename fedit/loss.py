@@ -15,13 +15,16 @@ from fedit.data.batches import IGNORE
 
 
 def token_losses(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss of every labelled token, the row each token belongs to)."""
+    """(loss of every labelled token, the example each token belongs to), for a padded or packed batch."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    # Batches are right-padded, so under the causal mask no real token can see a pad: the
-    # padding mask changes nothing the loss reads, and without it attention takes the
+    kwargs = {}
+    if "cu_seq_lens" in batch:  # packed (batches.pack): attention reads the example boundaries
+        cu = batch["cu_seq_lens"]
+        kwargs = {"position_ids": batch["position_ids"], "cu_seq_lens_q": cu, "cu_seq_lens_k": cu}
+    # Padded batches are right-padded, so under the causal mask no real token can see a pad:
+    # the padding mask changes nothing the loss reads, and without it attention takes the
     # fused causal kernel (its backward was a fifth of a training step with the mask).
-    hidden = base.get_decoder()(input_ids=batch["input_ids"]).last_hidden_state
-    targets = batch["labels"][:, 1:]
-    keep = targets != IGNORE
-    logits = base.get_output_embeddings()(hidden[:, :-1][keep]).float()
-    return F.cross_entropy(logits, targets[keep], reduction="none"), keep.nonzero()[:, 0]
+    hidden = base.get_decoder()(input_ids=batch["input_ids"], **kwargs).last_hidden_state
+    keep = batch["targets"] != IGNORE
+    logits = base.get_output_embeddings()(hidden[keep]).float()
+    return F.cross_entropy(logits, batch["targets"][keep], reduction="none"), batch["rows"][keep]

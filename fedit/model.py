@@ -175,6 +175,13 @@ class Loaded:
     source: str
     initial_adapter: Adapter | None = None  # the seeded LoRA init: round 0 of every run
 
+    @property
+    def packed(self) -> bool:
+        """Whether micro-batches are packed without padding: fedit's CPU attention keeps examples apart."""
+        from fedit import attention
+
+        return getattr(self.model.config, "_attn_implementation", None) == attention.NAME
+
     def autocast(self):
         """bf16 autocast where chosen; a no-op context in fp32."""
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16)
@@ -207,7 +214,7 @@ def load_base(cfg: ModelConfig) -> Loaded:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     model.config.use_cache = False
-    if device.type == "cpu" and dtype == torch.bfloat16 and model.config._attn_implementation == "sdpa":
+    if device.type == "cpu" and dtype in (torch.bfloat16, torch.float32) and model.config._attn_implementation == "sdpa":
         from fedit import attention
 
         model.set_attn_implementation(attention.NAME)

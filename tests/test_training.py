@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fedit.config import TrainConfig
-from fedit.data.batches import IGNORE, collate, micro_batches, plan_steps, tokenize
+from fedit.data.batches import IGNORE, collate, micro_batches, pack, plan_steps, tokenize
 from fedit.data.prompts import ALPACA_NO_INPUT, prompt
 from fedit.data.records import Record
 from fedit.loss import token_losses
@@ -60,16 +60,54 @@ def test_plan_steps_and_micro_batches():
 
 
 def test_loss_equals_transformers_loss_on_a_fixed_batch(tiny):
-    """Same tokens, same loss as the naive HF path (model(..., labels=...).loss)."""
+    """Same tokens, same loss as the naive HF path (model(..., labels=...).loss), padded or packed."""
     exs = tokenize(RECS, tiny.tokenizer, cutoff_len=512)
-    batch = collate(exs, tiny.tokenizer.pad_token_id)
+    width = max(len(e.input_ids) for e in exs)
+    pad = [width - len(e.input_ids) for e in exs]
+    naive = {"input_ids": torch.tensor([e.input_ids + [tiny.tokenizer.pad_token_id] * p for e, p in zip(exs, pad)]),
+             "attention_mask": torch.tensor([[1] * len(e.input_ids) + [0] * p for e, p in zip(exs, pad)]),
+             "labels": torch.tensor([e.labels + [IGNORE] * p for e, p in zip(exs, pad)])}
+    assert tiny.packed  # fedit's CPU attention was chosen for this fp32 model
     tiny.model.eval()
     with torch.no_grad():
-        ours, rows = token_losses(tiny.model, batch)
-        hf = tiny.model(**batch).loss
-    assert ours.numel() == sum(e.trained_tokens for e in exs)
-    assert torch.allclose(ours.mean(), hf, rtol=1e-5)
+        hf = tiny.model(**naive).loss
+        padded, rows = token_losses(tiny.model, collate(exs, tiny.tokenizer.pad_token_id))
+        packed, packed_rows = token_losses(tiny.model, pack(exs))
+    assert padded.numel() == sum(e.trained_tokens for e in exs)
+    assert torch.allclose(padded.mean(), hf, rtol=1e-5)
     assert rows.tolist() == sorted(rows.tolist())
+    # Packed: the same tokens in the same order, each seeing only its own example.
+    assert packed_rows.tolist() == rows.tolist()
+    assert torch.allclose(packed, padded, rtol=1e-4, atol=1e-5)
+
+
+def test_packed_training_gives_the_gradients_of_padded_training(tiny_model_dir):
+    """bf16, examples on both sides of the fp32-backward threshold: packing changes no gradient."""
+    from fedit import attention
+
+    loaded = load_base(ModelConfig(name=str(tiny_model_dir), dtype="bf16", device="cpu"))
+    attach_lora(loaded, LoraConfig(r=4, alpha=8, dropout=0.0), seed=0)
+    with torch.no_grad():  # a non-zero adapter, so gradients flow through attention into every LoRA matrix
+        for name, p in loaded.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    long = Record("Repeat: " + "cat dog bird fish " * 100, "", "Done.", "open_qa")
+    exs = tokenize(RECS + [long], loaded.tokenizer, cutoff_len=512)
+    assert len(exs[-1].input_ids) > attention.FP32_BACKWARD_MAX_LEN > len(exs[0].input_ids)
+    loaded.model.train()
+    results = []
+    for batch in (pack(exs), *[collate([e], loaded.tokenizer.pad_token_id) for e in exs]):
+        loaded.model.zero_grad()
+        with loaded.autocast():
+            losses = token_losses(loaded.model, batch)[0]
+        losses.sum().backward()
+        results.append((losses.detach().float(), {n: p.grad.float().clone() for n, p in loaded.model.named_parameters()
+                                                  if p.requires_grad}))
+    (packed, g_packed), one_by_one = results[0], results[1:]
+    assert torch.allclose(packed, torch.cat([r[0] for r in one_by_one]), rtol=0.02, atol=0.02)
+    for n in g_packed:
+        ref = sum(g[n] for _, g in one_by_one)
+        assert (g_packed[n] - ref).abs().max() <= 0.05 * ref.abs().max() + 1e-6, n
 
 
 def test_accumulation_equals_one_big_batch(tiny):

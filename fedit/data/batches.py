@@ -1,10 +1,11 @@
-"""Tokenize records, mask labels, and group examples into padded micro-batches.
+"""Tokenize records, mask labels, and group examples into micro-batches.
 
 An optimizer step sees ``batch_size`` examples drawn in random order, exactly as
 a naive loop would; only inside a step are the examples sorted by length before
-they are cut into micro-batches, so each micro-batch pads to a similar length.
-That removes most padding without changing which examples share a step, and
-no example ever attends to another (no packing).
+they are cut into micro-batches. A micro-batch is either right-padded to its
+longest example (``collate``) or, where the attention supports it, packed into
+one row with no padding at all (``pack``); either way no example ever attends
+to another, and the loss reads the same targets.
 """
 
 from __future__ import annotations
@@ -49,17 +50,44 @@ def tokenize(records: list[Record], tokenizer, cutoff_len: int, train_on_inputs:
 
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest example of this micro-batch."""
+    """Right-pad to the longest example of this micro-batch.
+
+    ``targets[i, t]`` is the label of token t + 1 (IGNORE past the end): what position t predicts.
+    """
     width = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    targets = torch.full((len(examples), width), IGNORE, dtype=torch.long)
     for i, e in enumerate(examples):
         n = len(e.input_ids)
         ids[i, :n] = torch.tensor(e.input_ids)
-        labels[i, :n] = torch.tensor(e.labels)
-        mask[i, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        targets[i, :n - 1] = torch.tensor(e.labels[1:], dtype=torch.long)
+    rows = torch.arange(len(examples)).unsqueeze(1).expand(-1, width)
+    return {"input_ids": ids, "targets": targets, "rows": rows}
+
+
+def pack(examples: list[Example]) -> dict[str, torch.Tensor]:
+    """The micro-batch's examples end to end in one row: no padding token is ever computed.
+
+    The layout of transformers' padding-free training (DataCollatorWithFlattening): position
+    ids restart at 0 in each example and ``cu_seq_lens`` marks where each one starts, so
+    attention stays inside an example. Targets are shifted inside each example: no token is
+    asked to predict the next example's first token.
+    """
+    ids, targets, positions, rows, starts = [], [], [], [], [0]
+    for i, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids += e.input_ids
+        targets += e.labels[1:] + [IGNORE]
+        positions += range(n)
+        rows += [i] * n
+        starts.append(starts[-1] + n)
+    return {"input_ids": torch.tensor([ids]), "targets": torch.tensor([targets]), "rows": torch.tensor([rows]),
+            "position_ids": torch.tensor([positions]), "cu_seq_lens": torch.tensor(starts, dtype=torch.int32)}
+
+
+def make_batch(examples: list[Example], pad_id: int, packed: bool, device: torch.device) -> dict[str, torch.Tensor]:
+    batch = pack(examples) if packed else collate(examples, pad_id)
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 def plan_steps(n: int, batch_size: int, epochs: float, max_steps: int, rng: np.random.Generator) -> list[list[int]]:

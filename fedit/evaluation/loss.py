@@ -12,7 +12,7 @@ from collections import defaultdict
 
 import torch
 
-from fedit.data.batches import Example, collate
+from fedit.data.batches import Example, make_batch
 from fedit.loss import token_losses
 from fedit.model import Adapter, Loaded, set_adapter
 
@@ -31,7 +31,7 @@ def heldout_loss(loaded: Loaded, examples: list[Example], adapter: Adapter | Non
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
     for start in range(0, len(order), batch_size):
         chunk = [examples[i] for i in order[start:start + batch_size]]
-        batch = {k: v.to(loaded.device) for k, v in collate(chunk, loaded.tokenizer.pad_token_id).items()}
+        batch = make_batch(chunk, loaded.tokenizer.pad_token_id, loaded.packed, loaded.device)
         with loaded.autocast():
             losses, rows = token_losses(model, batch)
         per_row = torch.zeros(len(chunk), dtype=torch.float64).index_add_(0, rows.cpu(), losses.double().cpu())
