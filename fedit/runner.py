@@ -63,7 +63,8 @@ def run_metadata(cfg: Config, loaded: Loaded) -> dict:
 
     return {"fedit": __version__, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "model_source": loaded.source,
             "device": str(loaded.device), "compute_dtype": str(loaded.dtype).replace("torch.", ""),
-            "dtype_setting": cfg.model.dtype, "torch": torch.__version__, "transformers": transformers.__version__,
+            "dtype_setting": cfg.model.dtype, "attention": loaded.model.config._attn_implementation,
+            "packed_batches": loaded.packed, "torch": torch.__version__, "transformers": transformers.__version__,
             "peft": peft.__version__, "machine": f"{platform.machine()} {platform.processor()} "
                                                  f"{torch.get_num_threads()} threads"}
 

@@ -41,6 +41,8 @@ def test_three_clients_two_rounds_fixed_losses(tmp_path, tiny_model_dir, partiti
                  "rounds/round_0000/adapter_model.safetensors", "rounds/round_0002/adapter_model.safetensors"]:
         assert (run_dir / name).exists(), name
     assert json.loads((run_dir / "state.json").read_text())["round"] == 2
+    meta = json.loads((run_dir / "run.json").read_text())  # the fast paths chosen are on record
+    assert (meta["compute_dtype"], meta["attention"], meta["packed_batches"]) == ("float32", "fedit_cpu_causal", True)
 
 
 EXPECTED_EVAL = [5.912297826260328, 5.57610335201025, 5.211272478103638]
