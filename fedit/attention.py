@@ -38,7 +38,7 @@ class _CausalAttention(torch.autograd.Function):
             out, lse = _flash(q, k, v, 0.0, True, scale=scale)[:2]
         else:
             out = torch.empty_like(q)
-            lse = torch.empty(q.shape[:3], dtype=torch.float32)
+            lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
             for s, e in zip(starts[:-1], starts[1:]):
                 out[:, :, s:e], lse[:, :, s:e] = _flash(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], 0.0, True,
                                                         scale=scale)[:2]

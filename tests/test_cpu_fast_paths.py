@@ -60,6 +60,25 @@ def test_causal_attention_matches_sdpa_forward_and_backward(length):
         assert (ours.float() - theirs).abs().max() <= 0.02 * theirs.abs().max(), "off by more than bf16 rounding"
 
 
+def test_packed_attention_stays_inside_each_segment():
+    """One row holding segments of 1, 5 and 24 tokens: each gets SDPA's causal attention on its own."""
+    torch.manual_seed(0)
+    lengths = [1, 5, 24]
+    q, k, v = (torch.randn(1, h, sum(lengths), 16, requires_grad=True) for h in (4, 2, 2))
+    cu = torch.tensor([0, 1, 6, 30], dtype=torch.int32)
+    out, _ = attention.causal_attention(_Attn(), q, k, v, None, scaling=0.25, cu_seq_lens_q=cu, cu_seq_lens_k=cu)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        qs, ks, vs = (t.detach()[:, :, s:e].clone().requires_grad_() for t in (q, k, v))
+        ref = F.scaled_dot_product_attention(qs, ks.repeat_interleave(2, 1), vs.repeat_interleave(2, 1),
+                                             is_causal=True, scale=0.25).transpose(1, 2)
+        ref.backward(grad[:, s:e])
+        assert torch.allclose(out[:, s:e], ref, atol=1e-5)
+        for ours, theirs in [(q, qs), (k, ks), (v, vs)]:
+            assert torch.allclose(ours.grad[:, :, s:e], theirs.grad, atol=1e-5)
+
+
 def test_causal_attention_leaves_masks_and_inference_to_sdpa():
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
