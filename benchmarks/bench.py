@@ -82,6 +82,9 @@ def table(r: dict) -> str:
     batches = "packed" if t.get("packed") else "padded"
     lines.append(f"| fedit client loop ({t['fedit_dtype']}, attention {t.get('attention', 'sdpa')}, {batches} batches) | "
                  f"{f['tokens_per_s']:.0f} real tokens/s |")
+    if "fedit_padded" in t:
+        lines.append(f"| fedit client loop with padded micro-batches instead | "
+                     f"{t['fedit_padded']['tokens_per_s']:.0f} real tokens/s (packing: {t['packing_speedup']:.2f}x) |")
     if "speedup" in t:
         lines.append(f"| fedit / naive | {t['speedup']:.2f}x |")
     lines += [f"| matmul peak bf16 / fp32 | {peak['bf16'] / 1e12:.2f} / {peak['fp32'] / 1e12:.2f} TFLOP/s |",

@@ -154,9 +154,14 @@ def run(model_name: str, n_clients: int = 2, per_client: int = 32, cutoff: int =
     clients = [exs[i * per_client:(i + 1) * per_client] for i in range(n_clients)]
     padded = sum(max(len(e.input_ids) for e in c[i:i + micro]) * len(c[i:i + micro])
                  for c in clients for i in range(0, len(c), micro))
-    fedit_runs, naive_runs = [], []
+    fedit_runs, padded_runs, naive_runs = [], [], []
+    packed = loaded.packed
     for _ in range(repeats):
         fedit_runs.append(fedit_clients(loaded, clients, batch_size, micro, lr))
+        if packed:  # the same loop with length-sorted, padded micro-batches: what packing adds
+            loaded.packed = False
+            padded_runs.append(fedit_clients(loaded, clients, batch_size, micro, lr))
+            loaded.packed = True
         if not skip_naive:
             naive_runs.append(naive_clients(model_name, clients, batch_size, micro, lr, lora))
     best = max(fedit_runs, key=lambda r: r["tokens_per_s"])
@@ -174,6 +179,10 @@ def run(model_name: str, n_clients: int = 2, per_client: int = 32, cutoff: int =
     result["peak_flops"] = {"bf16": matmul_peak(torch.bfloat16), "fp32": matmul_peak(torch.float32)}
     result["fedit"]["model_flops"] = flops
     result["fedit"]["mfu_bf16"] = flops / f["train_seconds"] / result["peak_flops"]["bf16"]
+    if padded_runs:
+        result["fedit_padded"] = dict(max(padded_runs, key=lambda r: r["tokens_per_s"]),
+                                      all_tokens_per_s=[r["tokens_per_s"] for r in padded_runs])
+        result["packing_speedup"] = f["tokens_per_s"] / result["fedit_padded"]["tokens_per_s"]
     if naive_runs:
         result["naive"] = dict(max(naive_runs, key=lambda r: r["tokens_per_s"]),
                                all_tokens_per_s=[r["tokens_per_s"] for r in naive_runs])

@@ -174,13 +174,8 @@ class Loaded:
     dtype: torch.dtype  # compute dtype (bf16 autocast or fp32)
     source: str
     initial_adapter: Adapter | None = None  # the seeded LoRA init: round 0 of every run
+    packed: bool = False  # micro-batches packed without padding (fedit's CPU attention keeps examples apart)
 
-    @property
-    def packed(self) -> bool:
-        """Whether micro-batches are packed without padding: fedit's CPU attention keeps examples apart."""
-        from fedit import attention
-
-        return getattr(self.model.config, "_attn_implementation", None) == attention.NAME
 
     def autocast(self):
         """bf16 autocast where chosen; a no-op context in fp32."""
@@ -214,11 +209,14 @@ def load_base(cfg: ModelConfig) -> Loaded:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     model.config.use_cache = False
-    if device.type == "cpu" and dtype in (torch.bfloat16, torch.float32) and model.config._attn_implementation == "sdpa":
+    # fedit's CPU attention: packed micro-batches, and the faster bf16 backward (fedit/attention.py).
+    packed = device.type == "cpu" and dtype in (torch.bfloat16, torch.float32) and \
+        model.config._attn_implementation == "sdpa"
+    if packed:
         from fedit import attention
 
         model.set_attn_implementation(attention.NAME)
-    return Loaded(model=model, tokenizer=tok, device=device, dtype=dtype, source=str(source))
+    return Loaded(model=model, tokenizer=tok, device=device, dtype=dtype, source=str(source), packed=packed)
 
 
 def attach_lora(loaded: Loaded, cfg: LoraConfig, seed: int) -> None:
