@@ -99,10 +99,7 @@ def test_bf16_model_on_cpu_trains_with_fedit_attention_and_the_same_loss(tiny_mo
     loaded = load_base(ModelConfig(name=str(tiny_model_dir), dtype="bf16", device="cpu"))
     assert loaded.model.config._attn_implementation == attention.NAME
     attach_lora(loaded, LoraConfig(r=4, alpha=8, dropout=0.0), seed=0)
-    with torch.no_grad():  # a non-zero adapter, so its gradients flow through attention
-        for name, p in loaded.model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.1)
+    _nonzero_adapter(loaded.model)  # so gradients flow through attention into every LoRA matrix
     batch = collate(tokenize(RECS, loaded.tokenizer, cutoff_len=512), loaded.tokenizer.pad_token_id)
     results = {}
     for impl in (attention.NAME, "sdpa"):
@@ -145,10 +142,7 @@ def test_lora_training_forward_equals_peft(tiny_model_dir):
     attach_lora(loaded, LoraConfig(r=4, alpha=8, dropout=0.0), seed=0)
     layers = [m for m in loaded.model.modules() if type(m) is LoraLinear]
     assert layers and all("forward" in m.__dict__ for m in layers)  # installed on every LoRA Linear
-    with torch.no_grad():
-        for name, p in loaded.model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.1)
+    _nonzero_adapter(loaded.model)
     batch = collate(tokenize(RECS, loaded.tokenizer, cutoff_len=512), loaded.tokenizer.pad_token_id)
     loaded.model.train()
     results = []
@@ -156,11 +150,7 @@ def test_lora_training_forward_equals_peft(tiny_model_dir):
         if not fused:
             for m in layers:
                 del m.forward  # back to peft's class forward
-        loaded.model.zero_grad()
-        loss = token_losses(loaded.model, batch)[0].mean()
-        loss.backward()
-        results.append((loss.item(), {n: p.grad.clone() for n, p in loaded.model.named_parameters()
-                                      if p.requires_grad}))
+        results.append(_loss_and_grads(loaded.model, batch))
     (ours, g_ours), (peft, g_peft) = results
     assert ours == pytest.approx(peft, rel=1e-6)
     for n in g_peft:
@@ -175,16 +165,10 @@ def test_gradient_checkpointing_recomputes_the_same_dropout_masks(tiny_model_dir
         loaded = load_base(ModelConfig(name=str(tiny_model_dir), dtype="fp32", device="cpu",
                                        gradient_checkpointing=checkpointing))
         attach_lora(loaded, LoraConfig(r=4, alpha=8, dropout=0.3), seed=0)
-        with torch.no_grad():
-            for name, p in loaded.model.named_parameters():
-                if "lora_B" in name:
-                    p.normal_(0, 0.1)
+        _nonzero_adapter(loaded.model)
         loaded.model.train()
         torch.manual_seed(123)
-        loss = token_losses(loaded.model, batch)[0].mean()
-        loss.backward()
-        results.append((loss.item(), {n: p.grad.clone() for n, p in loaded.model.named_parameters()
-                                      if p.requires_grad}))
+        results.append(_loss_and_grads(loaded.model, batch))
     (plain, g_plain), (ckpt, g_ckpt) = results
     assert ckpt == pytest.approx(plain, rel=1e-6)
     for n in g_plain:
@@ -198,6 +182,20 @@ def test_quantized_base_weights_on_a_cpu_say_what_to_do(tiny_model_dir):
 
     with pytest.raises(FeditError, match='needs a CUDA GPU.*model.quantize = "none"'):
         load_base(ModelConfig(name=str(tiny_model_dir), device="auto", quantize="8bit"))
+
+
+def _nonzero_adapter(model):
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+
+
+def _loss_and_grads(model, batch):
+    model.zero_grad()
+    loss = token_losses(model, batch)[0].mean()
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def _tokenizer(model_dir):
