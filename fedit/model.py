@@ -176,7 +176,6 @@ class Loaded:
     initial_adapter: Adapter | None = None  # the seeded LoRA init: round 0 of every run
     packed: bool = False  # micro-batches packed without padding (fedit's CPU attention keeps examples apart)
 
-
     def autocast(self):
         """bf16 autocast where chosen; a no-op context in fp32."""
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16)
