@@ -1,7 +1,8 @@
 """`fedit bench`: every performance measurement in one run, as JSON and a markdown table.
 
     fedit bench --out bench-results          # ~15-25 minutes on 2 CPU cores
-    fedit bench --quick --out bench-results  # fewer examples, no 1,000-client run
+    fedit bench --quick --out bench-results  # fewer examples, no 1,000-client run, no protocol round
+    fedit bench --protocol-rounds 20         # and the paper's whole protocol (hours)
 
 Ratios are the point: the naive loop and fedit are measured in the same run on the
 same examples. Absolute figures depend on the machine, which the report names.
@@ -33,7 +34,8 @@ def machine() -> str:
     return f"{name}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
 
 
-def run(out: Path, quick: bool = False, model: str | None = None, skip_naive: bool = False, console=None) -> dict:
+def run(out: Path, quick: bool = False, model: str | None = None, skip_naive: bool = False,
+        protocol_rounds: int | None = None, console=None) -> dict:
     from fedit.config import DEFAULT_MODEL
 
     model = model or DEFAULT_MODEL
@@ -59,6 +61,10 @@ def run(out: Path, quick: bool = False, model: str | None = None, skip_naive: bo
     res["communication"] = rounds.communication(adapter)
     say("memory with 10 vs 1,000 registered clients ...")
     res["memory"] = rounds.memory_vs_clients(out / "work", (10, 100) if quick else (10, 1000))
+    protocol_rounds = (0 if quick else 1) if protocol_rounds is None else protocol_rounds
+    if protocol_rounds:
+        say(f"the paper's protocol, {protocol_rounds} round(s) ...")
+        res["protocol"] = rounds.protocol(out / "work", protocol_rounds, model=model)
     (out / "bench.json").write_text(json.dumps(res, indent=2))
     (out / "bench.md").write_text(table(res))
     say(table(res))
@@ -104,4 +110,12 @@ def table(r: dict) -> str:
     c = r["communication"]
     lines.append(f"| bytes per client and round | {c['bytes_down'] / 2**20:.1f} MB down, "
                  f"{c['bytes_up'] / 2**20:.1f} MB up ({c['adapter_params']:,} adapter parameters) |")
+    if "protocol" in r:
+        p = r["protocol"]
+        whole = "whole protocol" if p["rounds"] == p["of_rounds"] else "whole protocol projected"
+        lines.append(f"| the paper's protocol ({p['clients_per_round']} of {p['clients']} Dirichlet clients per round, "
+                     f"1 epoch), {p['rounds']} of {p['of_rounds']} rounds: {p['records_trained']:,} of "
+                     f"{p['records']:,} records | {p['train_seconds']:.0f} s training + {p['rest_seconds']:.0f} s "
+                     f"evaluation and checkpoints, peak RSS {p['peak_rss_mb']:,.0f} MB; {whole} "
+                     f"{p['projected_hours']:.1f} h |")
     return "\n".join(lines) + "\n"

@@ -9,6 +9,7 @@ carries it across exec, so a child would report the parent's peak).
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -35,20 +36,21 @@ def in_child(code: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def partition(out: Path, clients: int) -> Path:
+def partition(out: Path, clients: int, scheme: str = "iid", seed: int = 0, data: str = DOLLY) -> Path:
     from fedit.data import partition as part
     from fedit.data.records import load_records
 
     if (out / "manifest.json").exists():
         return out
-    loaded = load_records(DOLLY)
-    sp = part.split(loaded.records, clients, "iid", seed=0, test_per_category=10)
-    part.write(out, loaded, sp, scheme="iid", seed=0, alpha=0.5, test_per_category=10)
+    loaded = load_records(data)
+    sp = part.split(loaded.records, clients, scheme, alpha=0.5, seed=seed, test_per_category=10)
+    part.write(out, loaded, sp, scheme=scheme, seed=seed, alpha=0.5, test_per_category=10)
     return out
 
 
 def run_in_child(clients_dir: Path, out: Path, overrides: list[str]) -> dict:
     """A `fedit run` in a fresh process: its round rows and its peak RSS."""
+    shutil.rmtree(out, ignore_errors=True)  # the previous bench's run: `fedit run` will not write over a run
     return in_child(f"""
         import json
         from fedit import config, runner, server
@@ -76,6 +78,31 @@ def round_overhead(work: Path, rounds: int = 3, clients_per_round: int = 5, step
     overhead = sum(o["overhead_seconds"] for o in out)
     return {"rounds": out, "overhead_share": overhead / total, "clients_per_round": clients_per_round,
             "steps_per_client": steps, "peak_rss_mb": res["peak_rss_mb"]}
+
+
+def protocol(work: Path, rounds: int = 1, model: str | None = None, data: str = DOLLY, clients: int = 100) -> dict:
+    """The paper's Section 3.1 protocol, `fedit run`'s defaults on a 100-client Dirichlet
+    partition (alpha 0.5, seed 42, as the README's main command draws it), cut to its first
+    ``rounds`` rounds; the whole protocol is projected from them: training seconds per record
+    times every training record, plus the rest of a round (evaluation, checkpoint) per round."""
+    from fedit.config import FederationConfig
+
+    paper = FederationConfig()
+    parts = partition(work / f"dolly-{clients}-dirichlet", clients, "dirichlet", seed=42, data=data)
+    t = time.perf_counter()
+    res = run_in_child(parts, work / "protocol-run",
+                       [f"federation.rounds={rounds}"] + ([f"model.name={model}"] if model else []))
+    wall = time.perf_counter() - t
+    rows = res["rows"]
+    done = [r for r in rows if r.get("event") == "round" and r["round"] > 0]
+    trained = sum(c["num_examples"] for c in rows if c.get("event") == "client")
+    records = sum(c["examples"] for c in json.loads((parts / "manifest.json").read_text())["clients"])
+    train = sum(r["train_seconds"] for r in done)
+    rest = sum(r["seconds"] - r["train_seconds"] for r in done)
+    return {"rounds": len(done), "of_rounds": paper.rounds, "clients": clients, "clients_per_round": paper.clients_per_round,
+            "records_trained": trained, "records": records, "train_seconds": train, "rest_seconds": rest,
+            "wall_seconds": wall, "peak_rss_mb": res["peak_rss_mb"],
+            "projected_hours": (train * records / trained + rest * paper.rounds / len(done)) / 3600}
 
 
 def evaluation_cost(work: Path) -> dict:

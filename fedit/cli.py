@@ -52,10 +52,17 @@ def _bench(args: argparse.Namespace, console) -> None:
     if not (root / "benchmarks" / "bench.py").is_file():
         raise FeditError("fedit bench runs from a source checkout (it needs the benchmarks/ directory); "
                          "clone the repository and `pip install -e .`")
+    from fedit.config import FederationConfig
+
+    paper_rounds = FederationConfig().rounds
+    if args.protocol_rounds is not None and not 0 <= args.protocol_rounds <= paper_rounds:
+        raise FeditError(f"--protocol-rounds {args.protocol_rounds}: the paper's protocol has {paper_rounds} rounds; "
+                         f"pass 0 to {paper_rounds}")
     sys.path.insert(0, str(root))
     from benchmarks import bench
 
-    bench.run(Path(args.out), quick=args.quick, model=args.model, skip_naive=args.skip_naive, console=console)
+    bench.run(Path(args.out), quick=args.quick, model=args.model, skip_naive=args.skip_naive,
+              protocol_rounds=args.protocol_rounds, console=console)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     pb.add_argument("--quick", action="store_true", help="fewer examples and 100 instead of 1,000 clients")
     pb.add_argument("--model", default=None, help="base model (default: the default model)")
     pb.add_argument("--skip-naive", action="store_true", help="leave out the slow naive-loop baseline")
+    pb.add_argument("--protocol-rounds", type=int, default=None, metavar="N",
+                    help="run the first N of the paper protocol's 20 rounds (default 1, 0 with --quick; 20: all)")
 
     eval_cli.add_parsers(sub)
     use_cli.add_parsers(sub)

@@ -18,6 +18,14 @@ def test_throughput_measures_packed_padded_and_naive_on_the_same_tokens(tiny_mod
     assert f"{r['packing_speedup']:.2f}x" in row
 
 
+def _throughput() -> dict:
+    """The throughput part of a report, fedit's side only (measured elsewhere)."""
+    return {"fedit": {"tokens_per_s": 300.0, "mfu_bf16": 0.2}, "fedit_dtype": "bf16",
+            "peak_flops": {"bf16": 6.9e11, "fp32": 1.4e11},
+            "workload": {"clients": 1, "examples_per_client": 4, "cutoff": 128, "batch_size": 4,
+                         "micro_batch_size": 2, "real_tokens": 100, "padded_tokens_naive": 120}}
+
+
 def _rest() -> dict:
     """The round-level parts of a report, as `fedit bench` writes them (measured elsewhere)."""
     return {"round_overhead": {"clients_per_round": 5, "steps_per_client": 1, "overhead_share": 0.01},
@@ -25,3 +33,23 @@ def _rest() -> dict:
             "aggregation": {"clients": 100, "adapter_mb": 9.3, "seconds": 0.5, "peak_rss_increase_mb": 20},
             "memory": {"peak_rss_mb": {"10": 6000, "1000": 6100}, "ratio": 1.02},
             "communication": {"bytes_down": 1, "bytes_up": 9, "adapter_params": 1}}
+
+
+def test_protocol_rounds_project_the_whole_protocol_and_run_again_in_the_same_place(tmp_path, tiny_model_dir):
+    from benchmarks import rounds
+    from conftest import make_records, write_jsonl
+
+    data = write_jsonl(tmp_path / "records.jsonl", make_records(20))
+    for _ in range(2):  # a second bench over the same work directory replaces the first's run
+        p = rounds.protocol(tmp_path / "work", rounds=2, model=str(tiny_model_dir), data=str(data), clients=10)
+    assert (p["rounds"], p["of_rounds"], p["clients_per_round"]) == (2, 20, 5)
+    assert p["records"] == 40  # 4 categories x 20, less 10 held out per category
+    assert 0 < p["records_trained"] <= p["records"]
+    # 2 rounds' worth of time scaled up to every record and 20 rounds cannot be less than the 2 rounds
+    assert p["projected_hours"] * 3600 >= p["train_seconds"] + p["rest_seconds"] > 0
+    assert p["peak_rss_mb"] > 0
+    row = next(line for line in bench.table({"machine": "m", "model": "tiny", "started": "now",
+                                             "throughput": _throughput(), **_rest(), "protocol": p}).splitlines()
+               if "protocol" in line)
+    assert "5 of 10 Dirichlet clients" in row and "2 of 20 rounds" in row
+    assert f"whole protocol projected {p['projected_hours']:.1f} h" in row

@@ -39,6 +39,10 @@ def test_user_errors_exit_2_with_one_message(tmp_path, capsys):
     assert main(["run"]) == 2
     assert "data.clients_dir is not set" in capsys.readouterr().err
 
+    assert main(["bench", "--protocol-rounds", "21", "--out", str(tmp_path / "b")]) == 2
+    assert "pass 0 to 20" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
+
     assert main(["run", "--resume", str(tmp_path)]) == 2
     assert "not a fedit run directory" in capsys.readouterr().err
 
