@@ -13,6 +13,9 @@ def test_throughput_measures_packed_padded_and_naive_on_the_same_tokens(tiny_mod
     assert r["packing_speedup"] == r["fedit"]["tokens_per_s"] / r["fedit_padded"]["tokens_per_s"]
     assert r["speedup"] == r["fedit"]["tokens_per_s"] / r["naive"]["tokens_per_s"]
     assert 0 < r["fedit"]["mfu_bf16"] < 1 and r["peak_flops"]["bf16"] > 0
+    # one repetition: one MFU, against the peak measured right after it
+    assert r["fedit"]["all_mfu_bf16"] == [r["fedit"]["mfu_bf16"]]
+    assert r["peak_flops"]["bf16_all"] == [r["peak_flops"]["bf16"]]
     row = next(line for line in bench.table({"machine": "m", "model": "tiny", "started": "now", "throughput": r,
                                              **_rest()}).splitlines() if "padded micro-batches instead" in line)
     assert f"{r['packing_speedup']:.2f}x" in row
