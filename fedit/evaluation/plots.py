@@ -10,6 +10,7 @@ def plot_loss(curve: list[tuple[int, dict]], path: str | Path, title: str = "hel
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     if not curve:
         return
@@ -22,6 +23,7 @@ def plot_loss(curve: list[tuple[int, dict]], path: str | Path, title: str = "hel
                 color=cmap(i % cmap.N), label=cat.replace("_", " "))
     ax.plot(rounds, [e["loss"] for _, e in curve], lw=2.5, color="black", marker="o", ms=4, label="overall")
     ax.set_xlabel("round (0 = base model)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers: no 2.5 on the axis
     ax.set_ylabel("loss per response token")
     ax.set_title(title)
     ax.grid(alpha=0.3)
