@@ -1,6 +1,6 @@
 """`fedit bench`: every performance measurement in one run, as JSON and a markdown table.
 
-    fedit bench --out bench-results          # ~15-25 minutes on 2 CPU cores
+    fedit bench --out bench-results          # ~35 minutes on 2 CPU cores
     fedit bench --quick --out bench-results  # fewer examples, no 1,000-client run, no protocol round
     fedit bench --protocol-rounds 20         # and the paper's whole protocol (hours)
 
