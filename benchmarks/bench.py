@@ -93,8 +93,8 @@ def table(r: dict) -> str:
                      f"{t['fedit_padded']['tokens_per_s']:.0f} real tokens/s (packing: {t['packing_speedup']:.2f}x) |")
     if "speedup" in t:
         lines.append(f"| fedit / naive | {t['speedup']:.2f}x |")
-    each = ", ".join(f"{x / 1e12:.2f}" for x in peak.get("bf16_all", [peak["bf16"]]))
-    mfus = ", ".join(f"{100 * x:.1f}%" for x in f.get("all_mfu_bf16", [f["mfu_bf16"]]))
+    each = ", ".join(f"{x / 1e12:.2f}" for x in peak["bf16_all"])
+    mfus = ", ".join(f"{100 * x:.1f}%" for x in f["all_mfu_bf16"])
     lines += [f"| matmul peak bf16 (after each fedit repetition) / fp32 | {each} / {peak['fp32'] / 1e12:.2f} TFLOP/s |",
               f"| fedit MFU (model FLOPs / the bf16 peak measured right after the same repetition) | "
               f"{100 * f['mfu_bf16']:.1f}% in the fastest repetition (all: {mfus}) |"]
