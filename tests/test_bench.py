@@ -1,5 +1,9 @@
 """The throughput benchmark on the tiny model: every side trains the same examples and the report adds up."""
 
+import json
+
+import pytest
+
 from benchmarks import bench, throughput
 
 
@@ -47,9 +51,15 @@ def test_protocol_rounds_project_the_whole_protocol_and_run_again_in_the_same_pl
         p = rounds.protocol(tmp_path / "work", rounds=2, model=str(tiny_model_dir), data=str(data), clients=10)
     assert (p["rounds"], p["of_rounds"], p["clients_per_round"]) == (2, 20, 5)
     assert p["records"] == 40  # 4 categories x 20, less 10 held out per category
-    assert 0 < p["records_trained"] <= p["records"]
-    # 2 rounds' worth of time scaled up to every record and 20 rounds cannot be less than the 2 rounds
-    assert p["projected_hours"] * 3600 >= p["train_seconds"] + p["rest_seconds"] > 0
+    # what the 2 rounds trained: the records of the clients each round selected, by the partition's manifest
+    manifest = json.loads((tmp_path / "work" / "dolly-10-dirichlet" / "manifest.json").read_text())
+    size = {c["id"]: c["examples"] for c in manifest["clients"]}
+    rows = [json.loads(line) for line in (tmp_path / "work" / "protocol-run" / "metrics.jsonl").open()]
+    selected = [c for r in rows if r["event"] == "round" and r["round"] > 0 for c in r["clients"]]
+    assert len(selected) == 10 and p["records_trained"] == sum(size[c] for c in selected)
+    # training scales with the records (all 40 in expectation), the rest of a round with the 20 rounds
+    assert p["train_seconds"] > 0 and p["projected_hours"] * 3600 == pytest.approx(
+        p["train_seconds"] * 40 / p["records_trained"] + p["rest_seconds"] * 20 / 2)
     assert p["peak_rss_mb"] > 0
     row = next(line for line in bench.table({"machine": "m", "model": "tiny", "started": "now",
                                              "throughput": _throughput(), **_rest(), "protocol": p}).splitlines()
