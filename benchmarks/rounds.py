@@ -81,8 +81,8 @@ def round_overhead(work: Path, rounds: int = 3, clients_per_round: int = 5, step
 
 
 def protocol(work: Path, rounds: int = 1, model: str | None = None, data: str = DOLLY, clients: int = 100) -> dict:
-    """The paper's Section 3.1 protocol, `fedit run`'s defaults on a 100-client Dirichlet
-    partition (alpha 0.5, seed 42, as the README's main command draws it), cut to its first
+    """The paper's Section 3.1 protocol, `fedit run`'s defaults on a Dirichlet partition of
+    ``clients`` clients (100, alpha 0.5, seed 42: as the README's main command draws it), cut to its first
     ``rounds`` rounds; the whole protocol is projected from them: training seconds per record
     times every training record, plus the rest of a round (evaluation, checkpoint) per round."""
     from fedit.config import FederationConfig
