@@ -71,7 +71,7 @@ def round_overhead(work: Path, rounds: int = 3, clients_per_round: int = 5, step
     rows = res["rows"]
     out = []
     for r in [x for x in rows if x.get("event") == "round" and x["round"] > 0]:
-        train = sum(c["seconds"] for c in rows if c.get("event") == "client" and c["round"] == r["round"])
+        train = sum(c["metrics"]["seconds"] for c in rows if c.get("event") == "client" and c["round"] == r["round"])
         out.append({"round": r["round"], "round_seconds": r["seconds"], "client_train_seconds": train,
                     "overhead_seconds": r["seconds"] - train})
     total = sum(o["round_seconds"] for o in out)
@@ -133,16 +133,16 @@ def aggregation(adapter_file: Path, n: int = 100) -> dict:
     return in_child(f"""
         import json, time, torch
         from safetensors.torch import load_file
-        from fedit.client import Update
+        from fedit.protocol import Update
         from fedit.strategies.fedavg import FedAvg
         g = load_file({str(adapter_file)!r})
         adapter_mb = sum(v.numel() * v.element_size() for v in g.values()) / 2**20
         def updates():
             for i in range({n}):
-                yield Update(i, {{k: v + i for k, v in g.items()}}, 100 + i)
+                yield Update(i, {{"adapter": {{k: v + i for k, v in g.items()}}}}, 100 + i)
         t = time.perf_counter(); sum(1 for _ in updates()); make = time.perf_counter() - t
         base = peak_rss_mb()
-        t = time.perf_counter(); new, used = FedAvg().aggregate(g, updates()); total = time.perf_counter() - t
+        t = time.perf_counter(); new, used = FedAvg().aggregate(1, g, updates()); total = time.perf_counter() - t
         peak = peak_rss_mb()
         print(json.dumps({{"clients": used, "seconds": total - make, "seconds_with_update_creation": total,
                           "adapter_mb": adapter_mb, "peak_rss_increase_mb": peak - base}}))

@@ -126,16 +126,17 @@ def naive_clients(model_name: str, client_examples: list, batch_size: int, micro
 def fedit_clients(loaded, client_examples: list, batch_size: int, micro: int, lr: float) -> dict:
     from fedit import client
     from fedit.config import TrainConfig
+    from fedit.protocol import GLOBAL, FitIns
 
     cfg = TrainConfig(lr=lr, batch_size=batch_size, micro_batch_size=micro, local_epochs=1.0)
     tokens = seconds = 0.0
     labelled = 0
     # Warm-up on a few examples: first-call costs (oneDNN kernels) are not training throughput.
-    client.train(loaded, loaded.initial_adapter, client_examples[0][:micro], TrainConfig(
+    client.train(loaded, FitIns(0, 0, {GLOBAL: loaded.initial_adapter}), client_examples[0][:micro], TrainConfig(
         lr=lr, batch_size=micro, micro_batch_size=micro), seed=0)
     for c, exs in enumerate(client_examples):
         t = time.perf_counter()
-        client.train(loaded, loaded.initial_adapter, exs, cfg, seed=c)
+        client.train(loaded, FitIns(1, c, {GLOBAL: loaded.initial_adapter}), exs, cfg, seed=c)
         seconds += time.perf_counter() - t
         tokens += sum(len(e.input_ids) for e in exs)
         labelled += sum(e.trained_tokens for e in exs)

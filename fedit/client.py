@@ -1,15 +1,17 @@
-"""Local training of one client: global adapter + the client's examples -> Update.
+"""Local training of one client: FitIns + the client's examples -> Update.
 
 The explicit loop of the paper's clients: a fresh AdamW per client and round,
 ``batch_size`` examples per optimizer step through gradient accumulation over
 micro-batches, the loss averaged over every labelled token of the step (so
-accumulation gives the same gradient as one big batch).
+accumulation gives the same gradient as one big batch). A strategy's client
+algorithm (fedit.protocol.ClientAlgorithm) hooks into this one loop: an extra
+loss term and a gradient hook once per optimizer step, before clipping and
+AdamW, and arrays and state of its own after the last step.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -18,25 +20,10 @@ import torch
 from fedit.config import TrainConfig
 from fedit.data.batches import Example, make_batch, micro_batches, plan_steps
 from fedit.loss import token_losses
-from fedit.model import Adapter, Loaded, get_adapter, set_adapter
+from fedit.model import Loaded, adapter_parameters, get_adapter, set_adapter
+from fedit.protocol import ADAPTER, Arrays, ClientAlgorithm, Failure, FitIns, Update
 
-
-@dataclass
-class Update:
-    """What a client sends back: its adapter, how many examples it trained on, and its metrics."""
-
-    client_id: int
-    adapter: Adapter
-    num_examples: int
-    metrics: dict = field(default_factory=dict)
-
-
-@dataclass
-class Failure:
-    """A selected client that sent no usable reply (crashed, timed out, unreachable), and why."""
-
-    client_id: int
-    reason: str
+__all__ = ["train", "seed_for", "Update", "Failure"]
 
 
 def seed_for(seed: int, round_num: int, client_id: int) -> int:
@@ -44,17 +31,22 @@ def seed_for(seed: int, round_num: int, client_id: int) -> int:
     return int(np.random.SeedSequence([seed, round_num, client_id]).generate_state(1)[0])
 
 
-def train(loaded: Loaded, global_adapter: Adapter, examples: list[Example], cfg: TrainConfig, seed: int,
-          client_id: int = 0, on_step: Callable[[int, int], None] | None = None) -> Update:
+def train(loaded: Loaded, ins: FitIns, examples: list[Example], cfg: TrainConfig, seed: int,
+          algorithm: type[ClientAlgorithm] = ClientAlgorithm, state: Arrays | None = None,
+          on_step: Callable[[int, int], None] | None = None) -> tuple[Update, Arrays | None]:
+    """(the client's Update, the state it keeps for its next round or None)."""
     model = loaded.model
-    set_adapter(model, global_adapter)
+    set_adapter(model, ins.global_adapter)
     model.train()
     torch.manual_seed(seed)  # LoRA dropout, FastDropout's masks included
     steps = plan_steps(len(examples), cfg.batch_size, cfg.local_epochs, cfg.max_steps, np.random.default_rng(seed))
-    params = [p for p in model.parameters() if p.requires_grad]
+    named = adapter_parameters(model)
+    params = list(named.values())
+    algo = algorithm(ins, state)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt.zero_grad(set_to_none=True)
     pad = loaded.tokenizer.pad_token_id
-    loss_sum, tokens, started = 0.0, 0, time.perf_counter()
+    loss_sum, tokens, trained, started = 0.0, 0, 0, time.perf_counter()
     for s, step in enumerate(steps):
         step_tokens = sum(examples[i].trained_tokens for i in step)
         if step_tokens == 0:  # every response truncated away: nothing to learn from this step
@@ -67,14 +59,22 @@ def train(loaded: Loaded, global_adapter: Adapter, examples: list[Example], cfg:
             # then equals the mean over the whole step, as if it were one batch.
             (losses.sum() / step_tokens).backward()
             loss_sum += losses.detach().sum().item()
+        extra = algo.extra_loss(named)
+        if extra is not None:
+            extra.backward()
+        algo.on_grads(named)
         if cfg.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
         tokens += step_tokens
+        trained += sum(1 for i in step if examples[i].trained_tokens)  # examples this step learnt from
         if on_step:
             on_step(s + 1, len(steps))
     seconds = time.perf_counter() - started
     metrics = {"train_loss": loss_sum / max(tokens, 1), "steps": len(steps), "trained_tokens": tokens,
                "seconds": round(seconds, 3)}
-    return Update(client_id=client_id, adapter=get_adapter(model), num_examples=len(examples), metrics=metrics)
+    extra_arrays, new_state = algo.finish(named)
+    update = Update(client_id=ins.client_id, arrays={ADAPTER: get_adapter(model), **extra_arrays},
+                    num_examples=trained, metrics=metrics)
+    return update, new_state

@@ -8,18 +8,19 @@ one pass instead of one error at a time.
 from __future__ import annotations
 
 import dataclasses
+import sys
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fedit.errors import FeditError
+from fedit.fields import check_value, describe as describe_fields, fill, option
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
-def _f(default: Any, help: str, **kw: Any) -> Any:
-    return field(default=default, metadata={"help": help, **kw})
+_f = option
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,8 @@ class FederationConfig:
     rounds: int = _f(20, "Communication rounds (the paper: 20).", min=1)
     clients_per_round: int = _f(5, "Clients picked per round (the paper: 5 of 100); ignored if fraction > 0.", min=1)
     fraction: float = _f(0.0, "Fraction of clients picked per round; 0 means use clients_per_round.", min=0.0, max=1.0)
-    strategy: str = _f("fedavg", "Aggregation strategy (see `fedit strategies`).")
+    strategy: str = _f("fedavg", "Federated algorithm: fedavg, fedprox, fedavgm, fedadam, fedyogi, fedadagrad, "
+                          "scaffold; its options go in the [strategy] table (listed below).")
     seed: int = _f(42, "Seed for client selection, data order, dropout and LoRA init.")
     min_replies: int = _f(1, "A round needs at least this many valid client updates, else the run stops.", min=1)
     round_timeout: float = _f(0.0, "Flower deployment: seconds a round waits for client replies; the clients that did "
@@ -79,6 +81,8 @@ class FederationConfig:
 class EvalConfig:
     every: int = _f(1, "Evaluate held-out loss every N rounds (the last round always); 0 disables.", min=0)
     batch_size: int = _f(8, "Examples per evaluation forward pass.", min=1)
+    cutoff_len: int = _f(0, "Tokens per held-out example for the per-round held-out loss; 0: train.cutoff_len. "
+                            "Larger than training's, it leaves long-context records response tokens to score.", min=0)
     max_new_tokens: int = _f(128, "Tokens to generate per answer (fedit eval, fedit reproduce).", min=1)
     do_sample: bool = _f(False, "Sample answers instead of greedy decoding (fedit eval; the paper's comparisons are greedy here).")
     temperature: float = _f(0.7, "Sampling temperature when eval.do_sample is true.", min=0.0, exclusive_min=True)
@@ -117,89 +121,70 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    # The chosen strategy's options (its Options dataclass, every value filled in), from [strategy].
+    strategy: Any = None
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return {s.name: {k: list(v) if isinstance(v, tuple) else v
-                         for k, v in dataclasses.asdict(getattr(self, s.name)).items()}
+                         for k, v in dataclasses.asdict(getattr(self, s.name) or _no_options()).items()}
                 for s in dataclasses.fields(self)}
 
     def replace(self, **sections: dict[str, Any]) -> "Config":
-        """A copy with some fields changed, e.g. ``cfg.replace(train={"max_steps": 2})``."""
-        return from_dict({**self.to_dict(), **{k: {**self.to_dict()[k], **v} for k, v in sections.items()}})
+        """A copy with some fields changed, e.g. ``cfg.replace(train={"max_steps": 2})``.
+
+        A new federation.strategy starts from its own default options unless ``strategy`` is given."""
+        d = self.to_dict()
+        if sections.get("federation", {}).get("strategy", self.federation.strategy) != self.federation.strategy:
+            d["strategy"] = {}
+        return from_dict({**d, **{k: {**d[k], **v} for k, v in sections.items()}})
+
+
+def _no_options():
+    from fedit.strategies.base import NoOptions
+
+    return NoOptions()
 
 
 def _sections() -> dict[str, type]:
-    return {f.name: f.type if isinstance(f.type, type) else globals()[f.type] for f in dataclasses.fields(Config)}
-
-
-def _check_value(where: str, fld: dataclasses.Field, value: Any) -> tuple[Any, str | None]:
-    """Coerce ``value`` to the field's type; return (value, problem or None)."""
-    default = fld.default
-    meta = fld.metadata
-    if isinstance(default, bool):
-        if not isinstance(value, bool):
-            return value, f"{where} = {value!r}: expected true or false"
-    elif isinstance(default, int):
-        if isinstance(value, bool) or not isinstance(value, int):
-            return value, f"{where} = {value!r}: expected a whole number"
-    elif isinstance(default, float):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            return value, f"{where} = {value!r}: expected a number"
-        value = float(value)
-    elif isinstance(default, tuple):
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, (list, tuple)) or not value or not all(isinstance(v, str) for v in value):
-            return value, f"{where} = {value!r}: expected a non-empty list of names"
-        value = tuple(value)
-    elif isinstance(default, str):
-        if not isinstance(value, str):
-            return value, f"{where} = {value!r}: expected a string"
-    if "choices" in meta and value not in meta["choices"]:
-        return value, f"{where} = {value!r}: choose one of {', '.join(meta['choices'])}"
-    if "min" in meta and (value < meta["min"] or (meta.get("exclusive_min") and value == meta["min"])):
-        op = ">" if meta.get("exclusive_min") else ">="
-        return value, f"{where} = {value!r}: must be {op} {meta['min']}"
-    if "max" in meta and value > meta["max"]:
-        return value, f"{where} = {value!r}: must be <= {meta['max']}"
-    return value, None
+    """The fixed sections; [strategy] is checked against the chosen strategy's options instead."""
+    return {f.name: globals()[f.type] if isinstance(f.type, str) else f.type for f in dataclasses.fields(Config)
+            if f.name != "strategy"}
 
 
 def from_dict(raw: dict[str, Any], source: str = "config") -> Config:
     """Build a validated Config; unknown keys and bad values are all reported together."""
+    from fedit.strategies import STRATEGIES
+
     problems: list[str] = []
     sections = _sections()
     built: dict[str, Any] = {}
     for name in raw:
-        if name not in sections:
-            problems.append(f"unknown section [{name}] in {source}; known sections: {', '.join(sections)}")
+        if name not in sections and name != "strategy":
+            problems.append(f"unknown section [{name}] in {source}; known sections: {', '.join([*sections, 'strategy'])}")
         elif not isinstance(raw[name], dict):
             problems.append(f"{name} in {source} must be a table of keys, got {raw[name]!r}")
     for name, cls in sections.items():
         given = raw.get(name, {})
-        if not isinstance(given, dict):
-            continue
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        values, before = {}, len(problems)
-        for key, value in given.items():
-            if key not in fields:
-                problems.append(f"unknown key {name}.{key} in {source}; known keys: {', '.join(fields)}")
-                continue
-            values[key], problem = _check_value(f"{name}.{key}", fields[key], value)
-            if problem:
-                problems.append(problem)
-        if len(problems) == before:
-            built[name] = cls(**values)
+        if isinstance(given, dict):
+            built[name] = fill(cls, given, name, problems)
+    fed = built.get("federation")
+    if fed is not None:
+        if fed.strategy not in STRATEGIES:
+            problems.append(f"federation.strategy = {fed.strategy!r}: choose one of {', '.join(STRATEGIES)}")
+        elif isinstance(raw.get("strategy", {}), dict):
+            options = STRATEGIES[fed.strategy].Options
+            before = len(problems)
+            built["strategy"] = fill(options, raw.get("strategy", {}), "strategy", problems)
+            if len(problems) > before and not dataclasses.fields(options):
+                problems[-1] += f" (strategy {fed.strategy} has no options)"
+            elif len(problems) > before:
+                problems[-1] += f" (the options of strategy {fed.strategy})"
     if not problems:
         cfg = Config(**built)
         t = cfg.train
         if t.batch_size % t.micro_batch_size:
             problems.append(f"train.batch_size = {t.batch_size} must be a multiple of train.micro_batch_size = "
                             f"{t.micro_batch_size}")
-        from fedit.strategies import STRATEGIES  # local: strategies import torch
-
-        if cfg.federation.strategy not in STRATEGIES:
-            problems.append(f"federation.strategy = {cfg.federation.strategy!r}: choose one of {', '.join(STRATEGIES)}")
         if cfg.judge.url and not cfg.judge.model:
             problems.append("judge.url is set but judge.model is empty; set judge.model to the judge's model name")
         if cfg.model.quantize != "none" and cfg.model.device == "cpu":
@@ -286,10 +271,16 @@ def to_toml(cfg: Config) -> str:
 
 
 def describe() -> str:
-    """Every key with its default and help, for `fedit run --help-config`."""
+    """Every key with its default and help, for `fedit run --help-config`; every strategy and its options."""
+    from fedit.strategies import STRATEGIES
+
     out = []
     for name, cls in _sections().items():
         out.append(f"[{name}]")
-        for f in dataclasses.fields(cls):
-            out.append(f"  {name}.{f.name} = {f.default!r}\n      {f.metadata['help']}")
+        out += describe_fields(cls, name)
+    out.append("[strategy]   options of the strategy chosen by federation.strategy:")
+    for name, cls in STRATEGIES.items():
+        doc = " ".join((sys.modules[cls.__module__].__doc__ or "").strip().split("\n\n")[0].split())
+        out.append(f"  {name}: {doc}")
+        out += describe_fields(cls.Options, "strategy", indent="    ") or ["    (no options)"]
     return "\n".join(out)

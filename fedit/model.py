@@ -376,3 +376,14 @@ def load_adapter_file(path: Path) -> Adapter:
     from safetensors.torch import load_file
 
     return load_file(Path(path) / "adapter_model.safetensors")
+
+
+def adapter_parameters(model) -> dict[str, torch.nn.Parameter]:
+    """The trainable LoRA parameters under their adapter keys (the keys of get_adapter), so client
+    algorithms can pair a parameter with the same tensor of the global adapter."""
+    name = model.active_adapter
+    params = {k.replace(f".{name}.", "."): p for k, p in model.named_parameters() if p.requires_grad}
+    expected = adapter_shapes(model)
+    if set(params) != set(expected):
+        raise ValueError(f"trainable parameters do not match the adapter keys: {sorted(set(params) ^ set(expected))[:3]}")
+    return params

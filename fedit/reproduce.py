@@ -199,7 +199,7 @@ def method_config(cfg: Config, name: str, data: Datasets, runs: Path) -> Config:
 
 def reproduce(scale_name: str, data: str = DEFAULT_DATA, out: str | None = None, config_file: str | None = None,
               overrides: list[str] | tuple[str, ...] = (), questions: str | None = None, console=None) -> Path:
-    from fedit import runner, server
+    from fedit import server
     from fedit.model import attach_lora, load_adapter_file, load_base, set_adapter
 
     if scale_name not in SCALES:
@@ -229,21 +229,10 @@ def reproduce(scale_name: str, data: str = DEFAULT_DATA, out: str | None = None,
     train_seconds: dict[str, float] = {}
     for name in METHODS[1:]:
         mcfg = method_config(cfg, name, ds, runs)
-        run_dir = runs / name
         t0 = time.perf_counter()
-        if (run_dir / "config.toml").is_file() and _training_settings(config_mod.load(run_dir / "config.toml")) \
-                != _training_settings(mcfg):
-            raise FeditError(f"{run_dir} holds a {name} run made with other settings; choose another --out or "
-                             f"delete {out_dir}")
-        if (run_dir / "adapter" / "adapter_config.json").is_file():
-            say(f"{name}: reusing the finished run in {run_dir}")
-        elif (run_dir / "state.json").is_file():
-            say(f"{name}: resuming {run_dir}")
-            runner.run(None, resume=str(run_dir), console=console, loaded=loaded)
-        else:
-            say(f"{name}: training ({ds.sizes[name]['examples']} records"
-                + (f" over {mcfg.federation.rounds} rounds)" if name == "fedit" else ", 1 epoch)"))
-            runner.run(mcfg, console=console, loaded=loaded)
+        train_or_reuse(name, mcfg, runs / name, out_dir, loaded, console,
+                       f"{ds.sizes[name]['examples']} records"
+                       + (f" over {mcfg.federation.rounds} rounds" if name == "fedit" else ", 1 epoch"))
         train_seconds[name] = round(time.perf_counter() - t0, 1)
 
     settings = Settings.from_config(cfg.eval, cfg.data.template, cfg.train.cutoff_len, cfg.train.train_on_inputs,
@@ -304,10 +293,31 @@ def reproduce(scale_name: str, data: str = DEFAULT_DATA, out: str | None = None,
     return out_dir
 
 
+def train_or_reuse(name: str, mcfg: Config, run_dir: Path, out_dir: Path, loaded, console, what: str) -> None:
+    """Train a method's run, resume it if it was cut short, or reuse it if it finished; a run directory
+    made with other training settings is an error, never silently reused."""
+    from fedit import runner
+
+    say = console.print if console is not None else (lambda *a, **k: None)
+    if (run_dir / "config.toml").is_file() and _training_settings(config_mod.load(run_dir / "config.toml")) \
+            != _training_settings(mcfg):
+        raise FeditError(f"{run_dir} holds a {name} run made with other settings; choose another --out or "
+                         f"delete {out_dir}")
+    if (run_dir / "adapter" / "adapter_config.json").is_file():
+        say(f"{name}: reusing the finished run in {run_dir}")
+    elif (run_dir / "state.json").is_file():
+        say(f"{name}: resuming {run_dir}")
+        runner.run(None, resume=str(run_dir), console=console, loaded=loaded)
+    else:
+        say(f"{name}: training ({what})")
+        runner.run(mcfg, console=console, loaded=loaded)
+
+
 def _training_settings(cfg: Config) -> dict:
     """What decides a run's adapters (not how answers are generated or judged, nor progress bars)."""
     d = cfg.to_dict()
-    return {k: d[k] for k in ("data", "model", "lora", "train", "federation")} | {"eval_every": cfg.eval.every}
+    return {k: d[k] for k in ("data", "model", "lora", "train", "federation", "strategy")} | {
+        "eval_every": cfg.eval.every, "eval_cutoff_len": cfg.eval.cutoff_len}
 
 
 def _fingerprint(adapter: dict, settings: Settings) -> str:
@@ -337,9 +347,11 @@ def _table3_ids(qset: QuestionSet, n: int, seed: int) -> list[str]:
 
 def _run_summary(rd) -> dict:
     clients = rd.events("client")
-    return {"steps": sum(c.get("steps", 0) for c in clients), "trained_examples": sum(c.get("num_examples", 0) for c in clients),
-            "trained_tokens": sum(c.get("trained_tokens", 0) for c in clients),
-            "train_seconds": round(sum(c.get("seconds", 0.0) for c in clients), 1)}
+    metrics = [c.get("metrics", {}) for c in clients]
+    return {"steps": sum(m.get("steps", 0) for m in metrics),
+            "trained_examples": sum(c.get("num_examples", 0) for c in clients),
+            "trained_tokens": sum(m.get("trained_tokens", 0) for m in metrics),
+            "train_seconds": round(sum(m.get("seconds", 0.0) for m in metrics), 1)}
 
 
 def _report_md(scale: Scale, cfg: Config, ds: Datasets, results: dict[str, dict], judgements: dict[str, dict],

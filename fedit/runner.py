@@ -20,7 +20,8 @@ from fedit import __version__, server
 from fedit import config as config_mod
 from fedit.config import Config
 from fedit.data.clients import ClientFiles
-from fedit.data.batches import Example
+from fedit.data.batches import Example, tokenize
+from fedit.data.records import load_records
 from fedit.errors import FeditError
 from fedit.evaluation.loss import heldout_loss
 from fedit.evaluation.plots import plot_loss
@@ -53,7 +54,9 @@ def prepare(cfg: Config, loaded: Loaded | None = None) -> Prepared:
     test_file = Path(cfg.data.test_file or Path(cfg.data.clients_dir) / "test.jsonl")
     if not test_file.is_file():
         raise FeditError(f"test file {test_file} does not exist; set data.test_file or re-run `fedit partition`")
-    return Prepared(loaded, clients, clients.tokenize_file(test_file))
+    test = tokenize(load_records(test_file).records, loaded.tokenizer, cfg.eval.cutoff_len or t.cutoff_len,
+                    t.train_on_inputs, cfg.data.template)
+    return Prepared(loaded, clients, test)
 
 
 def run_metadata(cfg: Config, loaded: Loaded) -> dict:
@@ -84,7 +87,8 @@ def run(cfg: Config | None, resume: str | None = None, console=None, loaded: Loa
     cfg, run_dir = resolve_run(cfg, resume)
     prep = prepare(cfg, loaded)
     progress = _Progress(cfg, console) if console is not None and cfg.run.progress else None
-    sim = Simulation(prep.loaded, prep.clients, cfg, on_client=progress.client if progress else None)
+    sim = Simulation(prep.loaded, prep.clients, cfg, state_dir=run_dir / "client_state",
+                     on_client=progress.client if progress else None)
     with progress.live() if progress else _nothing():
         server.run(cfg, sim, run_dir, client_ids=prep.clients.ids, initial_adapter=prep.loaded.initial_adapter,
                    save_adapter=prep.save, evaluate=lambda a: prep.evaluate(a, cfg.eval.batch_size), resume=bool(resume),

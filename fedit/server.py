@@ -1,12 +1,17 @@
-"""The round loop, written once: select -> train -> check -> aggregate -> evaluate -> checkpoint.
+"""The round loop, written once: select -> instruct -> train -> check -> aggregate -> evaluate -> checkpoint.
 
 It knows nothing of how clients are reached: a runtime (in-process simulation,
-Flower) turns (round, client ids, global adapter) into an iterator of Updates.
-Each completed round leaves, in this order, the round's PEFT adapter, its
-metrics lines and then ``state.json``; a run killed at any instant resumes from
-the last round whose state.json was written, and ends bit-identical to a run
-that was never interrupted, because every random choice is seeded by
-(seed, round, client) and nothing else.
+Flower) turns the round's FitIns into an iterator of Updates (fedit.protocol),
+and nothing of the algorithm: the strategy (fedit.strategies) selects,
+instructs and aggregates. Each completed round leaves, in this order, the
+round's PEFT adapter, the strategy's state, its metrics lines and then
+``state.json``, the commit point. ``state.json`` also records, per client, the
+last round whose update the server accepted: a client resumes its own state
+(SCAFFOLD's control variate) from that round, so neither a crash mid-round nor
+a rejected update ever leaves a client's state ahead of the server's. A run
+killed at any instant resumes from the last round whose state.json was
+written, and ends bit-identical to a run that was never interrupted, because
+every random choice is seeded by (seed, round, client) and nothing else.
 """
 
 from __future__ import annotations
@@ -24,20 +29,20 @@ import torch
 
 from fedit import config as config_mod
 from fedit.checkpoint import atomic_write, atomic_write_json
-from fedit.client import Failure, Update
 from fedit.config import Config
 from fedit.errors import FeditError
 from fedit.model import Adapter, load_adapter_file
-from fedit.strategies import get as get_strategy
+from fedit.protocol import ADAPTER, Failure, FitIns, Update, nbytes
+from fedit.strategies import build as build_strategy
 
 log = logging.getLogger(__name__)
 
 
 class Runtime(Protocol):
-    """Trains the selected clients from the global adapter; yields an Update per reply, or a
-    Failure for a client that did not reply (the loop logs it and goes on without it)."""
+    """Trains the selected clients, one FitIns each; yields an Update per reply, or a Failure for a
+    client that did not reply (the loop logs it and goes on without it)."""
 
-    def fit(self, round_num: int, client_ids: list[int], global_adapter: Adapter) -> Iterable[Update | Failure]: ...
+    def fit(self, round_num: int, instructions: list[FitIns]) -> Iterable[Update | Failure]: ...
 
 
 @dataclass
@@ -81,19 +86,24 @@ class RunDir:
                 f.truncate(offset)
 
 
-def check_update(u: Update, reference: Adapter) -> str | None:
-    """Why an update must not enter aggregation, or None if it may."""
-    if not isinstance(u.num_examples, int) or u.num_examples <= 0:
+def check_update(u: Update, reference: Adapter, groups: tuple[str, ...] = (ADAPTER,)) -> str | None:
+    """Why an update must not enter aggregation, or None if it may. Every array group the strategy
+    expects must hold exactly the global adapter's keys and shapes, with finite values."""
+    if isinstance(u.num_examples, bool) or not isinstance(u.num_examples, int) or u.num_examples <= 0:
         return f"num_examples = {u.num_examples!r}, expected a positive whole number"
-    if set(u.adapter) != set(reference):
-        missing, extra = set(reference) - set(u.adapter), set(u.adapter) - set(reference)
-        return f"adapter keys differ from the global adapter (missing {len(missing)}, unexpected {len(extra)})"
-    for k, ref in reference.items():
-        v = u.adapter[k]
-        if tuple(v.shape) != tuple(ref.shape):
-            return f"{k} has shape {tuple(v.shape)}, expected {tuple(ref.shape)}"
-        if not torch.isfinite(v).all():
-            return f"{k} contains NaN or Inf"
+    if set(u.arrays) != set(groups):
+        return f"array groups {sorted(u.arrays)}, expected {sorted(groups)}"
+    for group in groups:
+        arrays = u.arrays[group]
+        if set(arrays) != set(reference):
+            missing, extra = set(reference) - set(arrays), set(arrays) - set(reference)
+            return f"{group}: keys differ from the global adapter (missing {len(missing)}, unexpected {len(extra)})"
+        for k, ref in reference.items():
+            v = arrays[k]
+            if tuple(v.shape) != tuple(ref.shape):
+                return f"{group}: {k} has shape {tuple(v.shape)}, expected {tuple(ref.shape)}"
+            if not torch.isfinite(v).all():
+                return f"{group}: {k} contains NaN or Inf"
     return None
 
 
@@ -104,7 +114,7 @@ def run(cfg: Config, runtime: Runtime, run_dir: str | Path, *, client_ids: list[
     hooks = hooks or Hooks()
     rd = RunDir(run_dir)
     fed = cfg.federation
-    strategy = get_strategy(fed.strategy)
+    strategy = build_strategy(cfg, len(client_ids))
     k = max(1, round(fed.fraction * len(client_ids))) if fed.fraction > 0 else fed.clients_per_round
     if k > len(client_ids):
         raise FeditError(f"federation.clients_per_round = {k} but the partition has {len(client_ids)} clients; "
@@ -117,6 +127,9 @@ def run(cfg: Config, runtime: Runtime, run_dir: str | Path, *, client_ids: list[
         start = state["round"] + 1
         rd.truncate_metrics(state["metrics_offset"])
         global_adapter = load_adapter_file(rd.round_dir(state["round"]))
+        if state.get("strategy_state"):
+            strategy.load_state_dict(load_arrays(rd.path / state["strategy_state"]))
+        client_rounds = {int(c): r for c, r in state.get("client_rounds", {}).items()}
         log.info("resuming %s after round %d", rd.path, state["round"])
     else:
         if rd.path.exists() and (rd.state.exists() or rd.metrics.exists()):
@@ -125,64 +138,96 @@ def run(cfg: Config, runtime: Runtime, run_dir: str | Path, *, client_ids: list[
         (rd.path / "rounds").mkdir(parents=True, exist_ok=True)
         atomic_write(rd.path / "config.toml", config_mod.to_toml(cfg))
         atomic_write_json(rd.path / "run.json", {**(meta or {}), "clients": len(client_ids), "clients_per_round": k})
-        start, global_adapter = 1, initial_adapter
+        start, global_adapter, client_rounds = 1, initial_adapter, {}
         row = {"event": "round", "round": 0, "clients": [], "accepted": 0}
         if evaluate and cfg.eval.every:
             row["eval"] = evaluate(global_adapter)  # the untuned base model: the line to beat
-        _finish_round(rd, 0, global_adapter, row, save_adapter)
+        _finish_round(rd, 0, global_adapter, row, save_adapter, strategy, client_rounds)
         hooks.round_end(row)
 
     for r in range(start, fed.rounds + 1):
         t0 = time.perf_counter()
-        selected = strategy.configure_round(r, client_ids, k, fed.seed)
+        selected = strategy.select(r, client_ids, k, fed.seed)
         hooks.round_start(r, selected)
+        instructions = [strategy.configure(r, cid, global_adapter, client_rounds.get(cid, 0)) for cid in selected]
+        down = {ins.client_id: nbytes(ins.arrays) for ins in instructions}
         rejected: list[dict] = []
+        accepted_ids: list[int] = []
 
         def accepted(updates: Iterable[Update | Failure]) -> Iterator[Update]:
-            # A bad update is logged with its reason and left out: it never reaches the average.
+            # A bad update is logged with its reason and left out: it never reaches the aggregate.
             for u in updates:
                 if isinstance(u, Failure):
                     rd.append(event="client", round=r, client=u.client_id, accepted=False, reason=u.reason)
                     log.warning("round %d: client %s dropped: %s", r, u.client_id, u.reason)
                     rejected.append({"client": u.client_id, "reason": u.reason})
                     continue
-                problem = check_update(u, global_adapter)
+                problem = check_update(u, global_adapter, strategy.reply_groups)
+                if problem is None and (u.client_id not in down or u.client_id in accepted_ids):
+                    problem = f"client {u.client_id} was not asked for one update this round"
                 rd.append(event="client", round=r, client=u.client_id, num_examples=u.num_examples,
-                          accepted=problem is None, reason=problem, **u.metrics)
+                          accepted=problem is None, reason=problem, bytes_down=down.get(u.client_id, 0),
+                          bytes_up=nbytes(u.arrays) if problem is None else None, metrics=u.metrics)
                 if problem:
                     log.warning("round %d: update of client %s rejected: %s", r, u.client_id, problem)
                     rejected.append({"client": u.client_id, "reason": problem})
                 else:
+                    accepted_ids.append(u.client_id)
                     yield u
 
-        new_adapter, used = strategy.aggregate(global_adapter, accepted(runtime.fit(r, selected, global_adapter)))
+        new_adapter, used = strategy.aggregate(r, global_adapter, accepted(runtime.fit(r, instructions)))
         if used < fed.min_replies:
             raise FeditError(f"round {r}: only {used} valid client update(s), fewer than federation.min_replies = "
                              f"{fed.min_replies} (rejected: {rejected}); the run stopped after round {r - 1} and "
                              f"can be resumed with `fedit run --resume {rd.path}`")
         global_adapter = new_adapter
+        client_rounds.update({cid: r for cid in accepted_ids})
         row = {"event": "round", "round": r, "clients": selected, "accepted": used, "rejected": rejected,
                "train_seconds": round(time.perf_counter() - t0, 3)}
         if evaluate and cfg.eval.every and (r % cfg.eval.every == 0 or r == fed.rounds):
             t_eval = time.perf_counter()
             row["eval"] = evaluate(global_adapter)
             row["eval_seconds"] = round(time.perf_counter() - t_eval, 3)
-        _finish_round(rd, r, global_adapter, row, save_adapter, t0)
+        _finish_round(rd, r, global_adapter, row, save_adapter, strategy, client_rounds, t0)
         hooks.round_end(row)
 
     save_adapter(global_adapter, rd.path / "adapter")  # the final global adapter, where users look first
     return global_adapter
 
 
-def _finish_round(rd: RunDir, r: int, adapter: Adapter, row: dict, save_adapter, t0: float | None = None) -> None:
+def save_arrays(arrays: Adapter, path: Path) -> None:
+    from safetensors.torch import save
+
+    atomic_write(path, save({k: v.contiguous() for k, v in arrays.items()}))
+
+
+def load_arrays(path: Path) -> Adapter:
+    from safetensors.torch import load_file
+
+    return load_file(path)
+
+
+def _finish_round(rd: RunDir, r: int, adapter: Adapter, row: dict, save_adapter, strategy, client_rounds: dict,
+                  t0: float | None = None) -> None:
     t = time.perf_counter()
     save_adapter(adapter, rd.round_dir(r))
+    strategy_state = strategy.state_dict()
+    state_file = None
+    if strategy_state:  # before state.json: the round is committed only once everything it needs is on disk
+        state_file = Path("strategy") / f"round_{r:04d}.safetensors"
+        (rd.path / "strategy").mkdir(exist_ok=True)
+        save_arrays(strategy_state, rd.path / state_file)
     row["checkpoint_seconds"] = round(time.perf_counter() - t, 3)
     if t0 is not None:  # the round's wall time includes its checkpoint
         row["seconds"] = round(time.perf_counter() - t0, 3)
     rd.append(**row)
     atomic_write_json(rd.state, {"round": r, "metrics_offset": rd.metrics.stat().st_size,
-                                 "adapter": str(rd.round_dir(r).relative_to(rd.path))})
+                                 "adapter": str(rd.round_dir(r).relative_to(rd.path)),
+                                 "strategy_state": str(state_file) if state_file else None,
+                                 "client_rounds": {str(c): cr for c, cr in sorted(client_rounds.items())}})
+    for old in (rd.path / "strategy").glob("round_*.safetensors"):  # only the committed one is ever read again
+        if state_file is None or old.name != state_file.name:
+            old.unlink(missing_ok=True)
 
 
 def loss_curve(rd: RunDir) -> list[tuple[int, dict]]:

@@ -26,9 +26,10 @@ def test_every_problem_reported_at_once(tmp_path):
                            "federation.strategy=fedfoo", "noequals"])
     msg = str(e.value)
     for part in ["train.lr = -1", "unknown key train.nope", "lora.r = 'two'", "model.dtype = 'fp16'",
-                 "unknown section [bogus]", "'noequals' must look like section.key=value"]:
+                 "unknown section [bogus]", "'noequals' must look like section.key=value",
+                 "federation.strategy = 'fedfoo': choose one of fedavg, fedprox"]:
         assert part in msg, part
-    assert msg.startswith("6 problem(s)")
+    assert msg.startswith("7 problem(s)")
 
 
 def test_cross_field_checks():
@@ -59,3 +60,39 @@ def test_resolved_config_round_trips(tmp_path):
 def test_describe_lists_every_key():
     text = config.describe()
     assert "train.micro_batch_size" in text and "federation.min_replies" in text
+
+
+def test_strategy_options_are_checked_against_the_chosen_strategy():
+    cfg = config.load(None, ["federation.strategy=fedadam", "strategy.eta=0.01"])
+    assert (cfg.strategy.eta, cfg.strategy.beta_1, cfg.strategy.tau) == (0.01, 0.9, 1e-6)
+    assert config.load(None, ["federation.strategy=fedprox"]).strategy.proximal_mu == 0.01
+    with pytest.raises(FeditError) as e:
+        config.load(None, ["federation.strategy=fedprox", "strategy.eta=1", "strategy.proximal_mu=-1"])
+    msg = str(e.value)
+    assert "unknown key strategy.eta; known keys: proximal_mu, server_learning_rate" in msg
+    assert "strategy.proximal_mu = -1" in msg and msg.startswith("2 problem(s)")
+    with pytest.raises(FeditError, match="strategy.server_momentum = 1.0: must be < 1.0"):
+        config.load(None, ["federation.strategy=fedavgm", "strategy.server_momentum=1.0"])
+    # a misspelt strategy is an error, never a silent fallback to fedavg
+    with pytest.raises(FeditError, match="'fedadgrad': choose one of .*fedadagrad"):
+        config.load(None, ["federation.strategy=fedadgrad"])
+
+
+def test_strategy_options_round_trip_and_reset_with_a_new_strategy(tmp_path):
+    cfg = config.load(None, ["federation.strategy=fedyogi", "strategy.tau=1e-4"])
+    f = tmp_path / "resolved.toml"
+    f.write_text(config.to_toml(cfg))
+    assert config.load(f) == cfg and "[strategy]\neta = 0.001" in f.read_text()
+    other = cfg.replace(federation={"strategy": "scaffold"})
+    assert other.strategy == type(other.strategy)()  # scaffold's defaults, not fedyogi's table
+
+
+def test_describe_documents_every_strategy_and_option():
+    from fedit.strategies import STRATEGIES
+    import dataclasses
+
+    text = config.describe()
+    for name, cls in STRATEGIES.items():
+        assert f"  {name}: " in text, name
+        for f in dataclasses.fields(cls.Options):
+            assert f"strategy.{f.name} = " in text, (name, f.name)

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from fedit import runner, server
-from fedit.client import Failure, Update
+from fedit.protocol import Failure, FitIns, Update
 from fedit.model import load_adapter_file
 from fedit.runtime import flower, flower_cli
 
@@ -64,11 +64,15 @@ class FakeGrid:
             if m.metadata.message_type == "query":
                 content = RecordDict({"node": flower.ConfigRecord({"client-id": cid, "data-path": ""})})
                 out.append(Message(content, reply_to=m))
-            elif how == "ok" or how == "liar":
-                metrics = MetricRecord({"client-id": cid if how == "ok" else cid + 100, "num-examples": 10 + cid,
-                                        "train_loss": 1.5})
-                out.append(Message(RecordDict({"adapter": flower.adapter_to_record(self.adapter),
-                                               "metrics": metrics}), reply_to=m))
+            elif how in ("ok", "liar", "collider"):
+                reply = flower.ConfigRecord({"client-id": cid if how != "liar" else cid + 100, "num-examples": 10 + cid})
+                # a client's metrics may use any name, the server's own field names included
+                metrics = {"train_loss": 1.5} if how != "collider" else {
+                    "train_loss": 1.5, "client-id": 99, "num-examples": 10**9, "round": 7, "accepted": 0}
+                out.append(Message(RecordDict({"arrays.adapter": flower.adapter_to_record(self.adapter),
+                                               "reply": reply, "metrics": MetricRecord(metrics)}), reply_to=m))
+            elif how == "malformed":
+                out.append(Message(RecordDict({"metrics": MetricRecord({"x": 1.0})}), reply_to=m))
             elif how == "error":
                 out.append(Message(Error(code=2, reason="ValueError: boom"), reply_to=m))
             elif how == "silent":
@@ -94,9 +98,13 @@ def _runtime(behaviour, timeout=0.0, nodes=None):
     return flower.FlowerRuntime(grid, cfg, ns, poll=0.01), adapter
 
 
+def _fitins(adapter, ids, r=1):
+    return [FitIns(r, cid, {"global": adapter}, {"state_round": 0}) for cid in ids]
+
+
 def test_runtime_turns_replies_errors_and_silence_into_updates_and_failures():
     rt, adapter = _runtime({1: "error", 2: "silent"}, timeout=0.3)
-    out = list(rt.fit(1, [0, 1, 2], adapter))
+    out = list(rt.fit(1, _fitins(adapter, [0, 1, 2])))
     updates = [u for u in out if isinstance(u, Update)]
     failures = {f.client_id: f.reason for f in out if isinstance(f, Failure)}
     assert [u.client_id for u in updates] == [0]
@@ -109,11 +117,24 @@ def test_runtime_turns_replies_errors_and_silence_into_updates_and_failures():
     sent = [m for m in rt.grid.sent.values() if m.metadata.message_type == "train"]
     assert {m.metadata.dst_node_id for m in sent} == {101, 102, 103}
     assert sent[0].content["config"]["round"] == 1 and "[federation]" in sent[0].content["config"]["fedit-config"]
+    # and decodes to the FitIns it was made from
+    back = flower.content_to_fitins(sent[0].content)
+    assert (back.round, back.client_id, back.config) == (1, 0, {"state_round": 0})
+    assert torch.equal(back.global_adapter["a.lora_A.weight"], adapter["a.lora_A.weight"])
+
+
+def test_client_metrics_never_collide_with_the_servers_fields():
+    rt, adapter = _runtime({0: "collider", 1: "malformed"})
+    out = list(rt.fit(1, _fitins(adapter, [0, 1, 2])))
+    (u0,) = [u for u in out if isinstance(u, Update) and u.client_id == 0]
+    assert u0.num_examples == 10 and u0.metrics["num-examples"] == 10**9 and u0.metrics["round"] == 7
+    failures = {f.client_id: f.reason for f in out if isinstance(f, Failure)}
+    assert list(failures) == [1] and "malformed reply" in failures[1]
 
 
 def test_runtime_fails_clients_without_a_node_and_replies_from_the_wrong_client():
     rt, adapter = _runtime({2: "liar"}, nodes={101: 0, 103: 2})
-    out = list(rt.fit(1, [0, 1, 2], adapter))
+    out = list(rt.fit(1, _fitins(adapter, [0, 1, 2])))
     failures = {f.client_id: f.reason for f in out if isinstance(f, Failure)}
     assert [u.client_id for u in out if isinstance(u, Update)] == [0]
     assert "no connected SuperNode has client-id = 1" in failures[1]
@@ -402,7 +423,31 @@ def test_deployment_matches_in_process_simulation(deployment, tmp_path, tiny_mod
         assert (tmp_path / "flower" / name).exists(), name
     assert json.loads((tmp_path / "flower" / "run.json").read_text())["flower"]["client_ids"] == [0, 1, 2]
     # each train reply reports what loading the base model cost in that fresh ClientApp process
-    assert all(c["load_seconds"] > 0 for c in dep.events("client"))
+    assert all(c["metrics"]["load_seconds"] > 0 for c in dep.events("client"))
+
+
+@pytest.mark.parametrize("strategy", ["fedprox", "fedadam", "scaffold"])
+def test_deployment_matches_in_process_simulation_for_other_strategies(deployment, tmp_path, tiny_model_dir,
+                                                                        strategy):
+    """FedProx's proximal term, FedAdam's server moments and SCAFFOLD's control variates (the server's c
+    sent down, each client's c_k kept on its SuperNode, Δc_k sent up): the same adapters as in-process."""
+    d = deployment
+    sections = {"federation": {"rounds": 2, "clients_per_round": 2, "strategy": strategy},
+                "strategy": {"proximal_mu": 1.0} if strategy == "fedprox" else {}}
+    runner.run(tiny_config(tiny_model_dir, d.parts, tmp_path / "sim", **sections))
+    run_id, status, lines = _launch(d, tiny_config(tiny_model_dir, d.parts, tmp_path / "flower", **sections))
+    assert status == "finished:completed", "\n".join(lines)
+    sim, dep = server.RunDir(tmp_path / "sim"), server.RunDir(tmp_path / "flower")
+    # seed 7: rounds 1 and 2 pick [1, 2] and [0, 2]: client 2 starts round 2 from its own state
+    assert [r["clients"] for r in dep.events("round")] == [r["clients"] for r in sim.events("round")] == [[], [1, 2], [0, 2]]
+    assert all(c["accepted"] for c in dep.events("client")) and len(dep.events("client")) == 4
+    for r in (1, 2):
+        a, b = load_adapter_file(sim.round_dir(r)), load_adapter_file(dep.round_dir(r))
+        for k in a:
+            assert torch.allclose(a[k], b[k], atol=1e-6, rtol=1e-5), (r, k)
+    if strategy == "scaffold":  # twice FedAvg's bytes each way: adapter + control down, adapter + Δc up
+        c = dep.events("client")[0]
+        assert c["bytes_down"] == c["bytes_up"] == 2 * sum(v.numel() * 4 for v in a.values())
 
 
 def test_supernode_killed_mid_round_is_dropped_and_the_run_goes_on(deployment, tmp_path, tiny_model_dir):

@@ -96,12 +96,21 @@ def test_smoke_reproduction_with_judge(tmp_path, tiny_model_dir, records_file):
 
     # Each baseline is one client, one round, one epoch over its own records; FedIT is the federated run.
     runs = out / "runs"
+    from transformers import AutoTokenizer
+
+    from fedit.data.batches import tokenize
+    from fedit.data.records import load_records
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     for name, n in (("local-1", 10), ("local-2", 10), ("local-3", 10), ("centralized", 40)):
         rounds = server.RunDir(runs / name).events("round")
         (client,) = server.RunDir(runs / name).events("client")
-        assert [r["round"] for r in rounds] == [0, 1] and client["num_examples"] == n
-        assert client["steps"] == -(-n // 8)  # one epoch at batch 8
-        assert res["runs"][name]["trained_examples"] == n
+        # the examples it learnt from: those whose response survives the smoke scale's cutoff of 128 tokens
+        exs = tokenize(load_records(out / "data" / name / "client_000.jsonl").records, tok, 128)
+        assert len(exs) == n and 0 < client["num_examples"] == sum(1 for e in exs if e.trained_tokens) <= n
+        assert [r["round"] for r in rounds] == [0, 1]
+        assert client["metrics"]["steps"] == -(-n // 8)  # one epoch at batch 8
+        assert res["runs"][name]["trained_examples"] == client["num_examples"]
     fed = server.RunDir(runs / "fedit").events("round")
     assert [r["round"] for r in fed] == [0, 1, 2] and all(len(r["clients"]) == 2 for r in fed[1:])
     assert config.load(runs / "fedit" / "config.toml").train.lr == 1e-3  # the smoke scale's settings

@@ -117,8 +117,11 @@ def test_accumulation_equals_one_big_batch(tiny):
     exs = tokenize(RECS * 2, tiny.tokenizer, cutoff_len=512)
     start = get_adapter(tiny.model)
     cfg = TrainConfig(lr=1e-2, batch_size=6, micro_batch_size=6, max_steps=1, max_grad_norm=0.0)
-    big = client.train(tiny, start, exs, cfg, seed=1)
-    small = client.train(tiny, start, exs, TrainConfig(**{**cfg.__dict__, "micro_batch_size": 2}), seed=1)
+    from fedit.protocol import FitIns
+
+    ins = FitIns(1, 0, {"global": start})
+    big, _ = client.train(tiny, ins, exs, cfg, seed=1)
+    small, _ = client.train(tiny, ins, exs, TrainConfig(**{**cfg.__dict__, "micro_batch_size": 2}), seed=1)
     for k in big.adapter:
         assert torch.allclose(big.adapter[k], small.adapter[k], atol=1e-6), k
     assert big.num_examples == 6 and big.metrics["steps"] == 1

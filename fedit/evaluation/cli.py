@@ -1,4 +1,4 @@
-"""The `fedit eval` and `fedit reproduce` subcommands; fedit/cli.py adds them with add_parsers."""
+"""The `fedit eval`, `fedit reproduce` and `fedit compare` subcommands; fedit/cli.py adds them with add_parsers."""
 
 from __future__ import annotations
 
@@ -46,6 +46,26 @@ def add_parsers(sub) -> None:
     pr.add_argument("overrides", nargs="*", metavar="section.key=value",
                     help="applied last, e.g. model.name=DIR judge.url=URL judge.model=NAME")
 
+    from fedit.compare import SCALES as COMPARE_SCALES
+
+    pc = sub.add_parser(
+        "compare", help="train federated algorithms on the same split; held-out loss per round vs Centralized",
+        description="Trains every listed strategy on the same Dirichlet split, from the same init, with the same "
+                    "client selection and budget, and Centralized as the reference; writes compare.md (held-out "
+                    "loss overall and per category, gap to Centralized with a 95%% bootstrap interval, bytes per "
+                    "round, each strategy's options), compare.png (loss per round) and compare.json. Scales: "
+                    + "; ".join(f"{s.name}: {s.about}" for s in COMPARE_SCALES.values()))
+    pc.add_argument("--scale", required=True, choices=tuple(COMPARE_SCALES))
+    pc.add_argument("--strategies", required=True,
+                    help="comma-separated, e.g. fedavg,fedprox,fedavgm,fedadam,fedyogi,fedadagrad,scaffold")
+    pc.add_argument("--data", default=None, help="Dolly-style records: a JSON/JSONL file or hub id "
+                                                 "(default: databricks/databricks-dolly-15k)")
+    pc.add_argument("--set", action="append", default=[], metavar="STRATEGY:section.key=value", dest="sets",
+                    help="an override for one strategy only, e.g. fedprox:strategy.proximal_mu=0.1 (repeatable)")
+    pc.add_argument("--out", default=None, help="output directory (default: runs/compare-SCALE)")
+    pc.add_argument("--config", default=None, help="TOML file applied over the scale's settings")
+    pc.add_argument("overrides", nargs="*", metavar="section.key=value", help="applied to every strategy")
+
 
 def eval_command(args: argparse.Namespace, console) -> None:
     from fedit import config
@@ -71,4 +91,13 @@ def reproduce_command(args: argparse.Namespace, console) -> None:
                         overrides=args.overrides, questions=args.questions, console=console)
 
 
-COMMANDS = {"eval": eval_command, "reproduce": reproduce_command}
+def compare_command(args: argparse.Namespace, console) -> None:
+    from fedit import compare
+    from fedit.reproduce import DEFAULT_DATA
+
+    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    compare.compare(args.scale, strategies, data=args.data or DEFAULT_DATA, out=args.out, config_file=args.config,
+                    overrides=args.overrides, sets=args.sets, console=console)
+
+
+COMMANDS = {"eval": eval_command, "reproduce": reproduce_command, "compare": compare_command}

@@ -2,7 +2,9 @@
 
 Uses the training loss and masking (fedit.loss), averaged over tokens: the
 overall figure is the mean over every labelled token, a category's figure the
-mean over that category's tokens.
+mean over that category's tokens. ``examples`` keeps each example's loss sum
+and token count (in the order given), so a comparison can resample examples
+for a confidence interval (fedit compare).
 """
 
 from __future__ import annotations
@@ -27,20 +29,24 @@ def heldout_loss(loaded: Loaded, examples: list[Example], adapter: Adapter | Non
     model.eval()
     sums: dict[str, float] = defaultdict(float)
     counts: dict[str, int] = defaultdict(int)
+    per_example: list[list] = [[0.0, 0]] * len(examples)
     # Longest first keeps padding low and the peak memory at the start.
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
     for start in range(0, len(order), batch_size):
-        chunk = [examples[i] for i in order[start:start + batch_size]]
+        idx = order[start:start + batch_size]
+        chunk = [examples[i] for i in idx]
         batch = make_batch(chunk, loaded.tokenizer.pad_token_id, loaded.packed, loaded.device)
         with loaded.autocast():
             losses, rows = token_losses(model, batch)
         per_row = torch.zeros(len(chunk), dtype=torch.float64).index_add_(0, rows.cpu(), losses.double().cpu())
         n_row = torch.bincount(rows.cpu(), minlength=len(chunk))
-        for e, s, n in zip(chunk, per_row.tolist(), n_row.tolist()):
+        for i, e, s, n in zip(idx, chunk, per_row.tolist(), n_row.tolist()):
             sums[e.category] += s
             counts[e.category] += n
+            per_example[i] = [round(s, 6), n]
     model.train(was_training)
     total = sum(counts.values())
     by_cat = {c: sums[c] / counts[c] for c in sorted(counts) if counts[c]}
     loss = sum(sums.values()) / total if total else float("nan")
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": total, "by_category": by_cat}
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": total, "by_category": by_cat,
+            "examples": per_example}

@@ -1,14 +1,27 @@
 """Flower (flwr 1.41) as the transport: a ServerApp and a ClientApp around fedit's own code.
 
-This is the only module that imports flwr. It converts adapters to and from
-Flower records and calls the same code as the in-process run:
+This is the only module that imports flwr. It converts fedit's protocol types
+(fedit.protocol: FitIns down, Update up) to and from Flower records and calls
+the same code as the in-process run:
 
 - the ServerApp calls ``fedit.server.run`` (the one round loop) with a
-  ``FlowerRuntime`` whose ``fit`` sends one ``train`` message per selected
-  client through the Grid and yields an ``Update`` per reply and a ``Failure``
-  per client that errored, vanished or did not answer in time;
+  ``FlowerRuntime`` whose ``fit`` sends one ``train`` message per FitIns
+  through the Grid and yields an ``Update`` per reply and a ``Failure`` per
+  client that errored, vanished, did not answer in time or sent a malformed
+  reply;
 - the ClientApp calls ``fedit.client.train`` with ``client.seed_for(seed,
-  round, client_id)``, so a deployment trains exactly what the simulation does.
+  round, client_id)`` and the strategy's client algorithm, so a deployment
+  trains exactly what the simulation does.
+
+Records of a train message: ``config`` (transport: round, the fedit config),
+``fitins`` (the strategy's scalars for this client) and one ArrayRecord per
+array group (``arrays.global``, ``arrays.control``, ...). Of a reply: ``reply``
+(what the server relies on: client id, example count), ``metrics`` (the
+client's free-form metrics, never read as anything else) and one ArrayRecord
+per array group. A client algorithm's state (SCAFFOLD's control variate) stays
+on the SuperNode in ``context.state``, one version per round it was made in;
+the client reads the version of the round its FitIns names (the last round the
+server accepted its update).
 
 Which SuperNode is which client: each SuperNode is started with
 ``--node-config 'client-id=3 data-path="/data/client_003.jsonl"'``. The server
@@ -134,17 +147,42 @@ def _load_model(cfg: Config, model_name: str):
     return _MODEL_CACHE[key]
 
 
+ARRAYS = "arrays."  # record-name prefix of an array group
+STATE = "fedit-state-"  # context.state key prefix of a client algorithm's state, + the round it was made in
+
+
+def fitins_to_content(ins, cfg_text: str) -> RecordDict:
+    records = {"config": ConfigRecord({"round": ins.round, "client-id": ins.client_id, "fedit-config": cfg_text}),
+               "fitins": ConfigRecord(dict(ins.config))}
+    records.update({ARRAYS + g: adapter_to_record(a) for g, a in ins.arrays.items()})
+    return RecordDict(records)
+
+
+def _array_groups(content: RecordDict) -> dict:
+    return {name[len(ARRAYS):]: record_to_adapter(rec) for name, rec in content.items() if name.startswith(ARRAYS)}
+
+
+def content_to_fitins(content: RecordDict):
+    from fedit.protocol import FitIns
+
+    conf = content["config"]
+    return FitIns(int(conf["round"]), int(conf["client-id"]), _array_groups(content), dict(content["fitins"]))
+
+
 @client_app.train()
 def _train(msg: Message, context: Context) -> Message:
     t0 = time.perf_counter()
     from fedit import client
     from fedit.data.batches import tokenize
     from fedit.data.records import load_records
+    from fedit.protocol import STATE_ROUND
+    from fedit.strategies import STRATEGIES
 
-    conf = msg.content["config"]
-    cfg = config_from_text(str(conf["fedit-config"]), "the fedit config sent by the server")
-    round_num = int(conf["round"])
+    cfg = config_from_text(str(msg.content["config"]["fedit-config"]), "the fedit config sent by the server")
+    ins = content_to_fitins(msg.content)
     cid, path = _node_identity(context, cfg)
+    if cid != ins.client_id:
+        raise FeditError(f"this SuperNode is client {cid}, but the message is for client {ins.client_id}")
     if path is None:
         raise FeditError("this SuperNode has no data-path in its node config and the server's data.clients_dir is "
                          "not set; start it with --node-config 'client-id=N data-path=\"/path/to/client_N.jsonl\"'")
@@ -156,12 +194,43 @@ def _train(msg: Message, context: Context) -> Message:
                         cfg.data.template)
     if not examples:
         raise FeditError(f"{path} holds no usable records")
-    update = client.train(loaded, record_to_adapter(msg.content["adapter"]), examples, t,
-                          client.seed_for(cfg.federation.seed, round_num, cid), cid)
+    algorithm = STRATEGIES[cfg.federation.strategy].client_algorithm
+    kept = int(ins.config.get(STATE_ROUND, 0)) if algorithm.stateful else 0
+    state = None
+    if kept:
+        if STATE + str(kept) not in context.state:
+            raise FeditError(f"client {cid} has no state from round {kept} (the server accepted its update then); "
+                             f"was this SuperNode restarted? Its algorithm state lives in the SuperNode process")
+        state = record_to_adapter(context.state[STATE + str(kept)])
+    update, new_state = client.train(loaded, ins, examples, t, client.seed_for(cfg.federation.seed, ins.round, cid),
+                                     algorithm, state)
+    if new_state is not None:
+        context.state[STATE + str(ins.round)] = adapter_to_record(new_state)
+        for key in [k for k in context.state.keys() if k.startswith(STATE)]:
+            if key not in (STATE + str(ins.round), STATE + str(kept)):
+                del context.state[key]
     metrics = {k: v for k, v in update.metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    metrics.update({"client-id": cid, "num-examples": update.num_examples, "load_seconds": round(load_seconds, 3)})
-    return Message(RecordDict({"adapter": adapter_to_record(update.adapter), "metrics": MetricRecord(metrics)}),
-                   reply_to=msg)
+    metrics["load_seconds"] = round(load_seconds, 3)
+    records = {"reply": ConfigRecord({"client-id": cid, "num-examples": update.num_examples}),
+               "metrics": MetricRecord(metrics)}
+    records.update({ARRAYS + g: adapter_to_record(a) for g, a in update.arrays.items()})
+    return Message(RecordDict(records), reply_to=msg)
+
+
+def reply_to_update(content: RecordDict, cid: int):
+    """The Update in a train reply, or the reason it is malformed (a string)."""
+    from fedit.protocol import Update
+
+    try:
+        reply = content["reply"]
+        metrics = dict(content["metrics"]) if "metrics" in content else {}
+        arrays = _array_groups(content)
+        sender, num = reply["client-id"], reply["num-examples"]
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        return f"malformed reply: {type(e).__name__}: {e}"
+    if sender != cid:
+        return f"the reply came from a node that is no longer client {cid}"
+    return Update(client_id=cid, arrays=arrays, num_examples=num, metrics=metrics)
 
 
 # ---------------------------------------------------------------- server side
@@ -239,22 +308,20 @@ class FlowerRuntime:
         self.grid, self.cfg, self.nodes, self.poll = grid, cfg, nodes, poll
         self.cfg_text = config_to_text(cfg)
 
-    def fit(self, round_num: int, client_ids: list[int], global_adapter) -> Iterator:
-        from fedit.client import Failure, Update
+    def fit(self, round_num: int, instructions: list) -> Iterator:
+        from fedit.protocol import Failure
 
         self.nodes.refresh(wait=min(self.nodes.node_wait, 30.0))  # a SuperNode that (re)joined since last round
         timeout = self.cfg.federation.round_timeout
-        content = RecordDict({"adapter": adapter_to_record(global_adapter),
-                              "config": ConfigRecord({"round": round_num, "fedit-config": self.cfg_text})})
         messages, targets = [], []
-        for cid in client_ids:
-            node = self.nodes.by_client.get(cid)
+        for ins in instructions:
+            node = self.nodes.by_client.get(ins.client_id)
             if node is None:
-                yield Failure(cid, f"no connected SuperNode has client-id = {cid}")
+                yield Failure(ins.client_id, f"no connected SuperNode has client-id = {ins.client_id}")
                 continue
-            messages.append(Message(content, dst_node_id=node, message_type="train", group_id=str(round_num),
-                                    ttl=timeout if timeout > 0 else None))
-            targets.append(cid)
+            messages.append(Message(fitins_to_content(ins, self.cfg_text), dst_node_id=node, message_type="train",
+                                    group_id=str(round_num), ttl=timeout if timeout > 0 else None))
+            targets.append(ins.client_id)
         if not messages:
             return
         pending = dict(zip(self.grid.push_messages(messages), targets))
@@ -267,17 +334,8 @@ class FlowerRuntime:
                 if reply.has_error():
                     yield Failure(cid, _error_text(reply))
                     continue
-                try:
-                    metrics = dict(reply.content["metrics"])
-                    adapter = record_to_adapter(reply.content["adapter"])
-                except (KeyError, TypeError, ValueError) as e:
-                    yield Failure(cid, f"malformed reply: {type(e).__name__}: {e}")
-                    continue
-                if metrics.pop("client-id", None) != cid:
-                    yield Failure(cid, f"the reply came from a node that is no longer client {cid}")
-                    continue
-                num = metrics.pop("num-examples", 0)
-                yield Update(client_id=cid, adapter=adapter, num_examples=int(num), metrics=metrics)
+                update = reply_to_update(reply.content, cid)
+                yield Failure(cid, update) if isinstance(update, str) else update
             if pending and deadline is not None and time.monotonic() >= deadline:
                 for cid in pending.values():
                     yield Failure(cid, f"no reply within federation.round_timeout = {timeout:g} s")
@@ -402,6 +460,7 @@ def prepare_server(cfg: Config) -> dict:
     test = None
     if cfg.eval.every:
         t = cfg.train
-        test = tokenize(load_records(test_file).records, loaded.tokenizer, t.cutoff_len, t.train_on_inputs,
+        test = tokenize(load_records(test_file).records, loaded.tokenizer, cfg.eval.cutoff_len or t.cutoff_len,
+                        t.train_on_inputs,
                         cfg.data.template)
     return {"loaded": loaded, "test": test, "manifest_ids": manifest_ids}

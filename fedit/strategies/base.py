@@ -1,30 +1,105 @@
-"""The Strategy protocol: what the round loop asks of an aggregation algorithm.
+"""The Strategy protocol: what the round loop asks of a federated algorithm.
 
-A strategy picks the round's clients (``configure_round``) and turns the
-accepted client updates into the next global adapter (``aggregate``). Updates
-arrive as an iterator: in the in-process simulation each is trained only when
-the strategy asks for the next one, so a streaming strategy holds one client
-adapter and one accumulator at a time, whatever the number of clients.
+A strategy has
+- ``Options``: a frozen dataclass of its settings, filled from the config's ``[strategy]`` table
+  (an unknown key is a config error that lists the ones it has);
+- ``select``: the round's clients (seeded by (seed, round) alone, so resume picks alike);
+- ``configure``: the FitIns of one selected client (the global adapter, and whatever else the
+  algorithm sends);
+- ``aggregate``: the accepted updates of the round -> the next global adapter. Updates arrive
+  as an iterator: in the in-process simulation each client trains only when the strategy asks
+  for the next one, so a streaming strategy holds one client adapter at a time;
+- ``state_dict`` / ``load_state_dict``: every tensor it keeps between rounds, saved with each
+  completed round and restored by ``--resume``;
+- ``client_algorithm``: the class of its hooks inside the client loop (fedit.protocol).
+
+``ServerOptimizer`` is the shared base of the algorithms that work on the pseudo-gradient
+Δ̄ = Σ p_k (θ_k − θ), p_k proportional to the examples client k trained on this round: it
+streams Δ̄ in float64 and leaves one method, ``step``, to each algorithm.
+
+To add a strategy: one file in this package with one class (``name``, ``Options``, a module
+docstring citing its paper and saying what it needs from clients), registered in
+``fedit/strategies/__init__.py``; tests with expectations worked out by hand and one test that
+its degenerate setting is bit-identical to fedavg (tests/test_strategies.py).
 """
 
 from __future__ import annotations
 
-from typing import Iterable
+import dataclasses
+from typing import ClassVar, Iterable
 
 import numpy as np
+import torch
 
-from fedit.client import Update
-from fedit.model import Adapter
+from fedit.protocol import ADAPTER, GLOBAL, STATE_ROUND, Arrays, ClientAlgorithm, FitIns, Update
+
+
+@dataclasses.dataclass(frozen=True)
+class NoOptions:
+    pass
 
 
 class Strategy:
-    name = "base"
+    name: ClassVar[str] = "base"
+    Options: ClassVar[type] = NoOptions
+    client_algorithm: ClassVar[type[ClientAlgorithm]] = ClientAlgorithm
+    reply_groups: ClassVar[tuple[str, ...]] = (ADAPTER,)  # array groups a client must send back
 
-    def configure_round(self, round_num: int, client_ids: list[int], k: int, seed: int) -> list[int]:
+    def __init__(self, options=None, num_clients: int = 1):
+        self.options = options if options is not None else self.Options()
+        self.num_clients = num_clients  # registered clients (SCAFFOLD's N)
+
+    def select(self, round_num: int, client_ids: list[int], k: int, seed: int) -> list[int]:
         """Pick ``k`` distinct clients uniformly at random; seeded by (seed, round) alone so resume picks alike."""
         rng = np.random.default_rng([seed, round_num])
         return sorted(rng.choice(client_ids, size=min(k, len(client_ids)), replace=False).tolist())
 
-    def aggregate(self, global_adapter: Adapter, updates: Iterable[Update]) -> tuple[Adapter, int]:
+    def configure(self, round_num: int, client_id: int, global_adapter: Arrays, state_round: int) -> FitIns:
+        """What one selected client gets this round; ``state_round`` says which of its saved states to use."""
+        return FitIns(round_num, client_id, {GLOBAL: global_adapter}, {STATE_ROUND: state_round})
+
+    def aggregate(self, round_num: int, global_adapter: Arrays, updates: Iterable[Update]) -> tuple[Arrays, int]:
         """(next global adapter, number of updates used)."""
         raise NotImplementedError
+
+    def state_dict(self) -> Arrays:
+        return {}
+
+    def load_state_dict(self, state: Arrays) -> None:
+        if state:
+            raise ValueError(f"strategy {self.name} keeps no state, got {sorted(state)[:3]}")
+
+
+class ServerOptimizer(Strategy):
+    """Δ̄ = Σ p_k (θ_k − θ) with p_k = n_k / Σ n, streamed in float64; ``step`` makes θ from θ and Δ̄."""
+
+    def aggregate(self, round_num: int, global_adapter: Arrays, updates: Iterable[Update]) -> tuple[Arrays, int]:
+        acc = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in global_adapter.items()}
+        base = {k: v.to(torch.float64) for k, v in global_adapter.items()}
+        total, used = 0, 0
+        for u in updates:
+            for k, v in u.adapter.items():
+                acc[k].add_(v.to(torch.float64) - base[k], alpha=u.num_examples)
+            self.observe(u)
+            total += u.num_examples
+            used += 1
+        if used == 0:
+            return global_adapter, 0
+        delta = {k: v / total for k, v in acc.items()}
+        new = self.step(base, delta)
+        return {k: v.to(global_adapter[k].dtype) for k, v in new.items()}, used
+
+    def observe(self, update: Update) -> None:
+        """Sees each accepted update as it streams past (SCAFFOLD sums its control deltas here)."""
+
+    def step(self, theta: Arrays, delta: Arrays) -> Arrays:
+        """The next global adapter (float64) from the current one and the pseudo-gradient (both float64)."""
+        raise NotImplementedError
+
+
+def prefixed(prefix: str, arrays: Arrays) -> Arrays:
+    return {f"{prefix}/{k}": v for k, v in arrays.items()}
+
+
+def unprefixed(prefix: str, state: Arrays) -> Arrays:
+    return {k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + "/")}

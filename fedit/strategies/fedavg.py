@@ -1,34 +1,32 @@
 """FedAvg: McMahan et al., "Communication-Efficient Learning of Deep Networks from
 Decentralized Data" (AISTATS 2017), as used by FedIT (Zhang et al., 2023).
 
-Needs from each client: its adapter weights and its number of training examples.
-The next global adapter is the example-weighted mean of the client adapters.
-Accumulates in float64 so the mean is exact to fp32 (identical clients give
-back exactly their adapter) and streams: one accumulator, one update at a time.
+Needs from each client: its adapter and the number of examples it trained on.
+θ ← θ + server_learning_rate · Δ̄, Δ̄ the example-weighted mean of the clients'
+changes; with the default server_learning_rate = 1.0 that is the paper's
+example-weighted mean of the client adapters. Streams: one float64 accumulator,
+one client adapter at a time.
 """
 
 from __future__ import annotations
 
-from typing import Iterable
+from dataclasses import dataclass
 
-import torch
-
-from fedit.client import Update
-from fedit.model import Adapter
-from fedit.strategies.base import Strategy
+from fedit.fields import option
+from fedit.protocol import Arrays
+from fedit.strategies.base import ServerOptimizer
 
 
-class FedAvg(Strategy):
+@dataclass(frozen=True)
+class FedAvgOptions:
+    server_learning_rate: float = option(1.0, "Server step on the mean client change; 1.0 is the paper's FedAvg.",
+                                     min=0.0, exclusive_min=True)
+
+
+class FedAvg(ServerOptimizer):
     name = "fedavg"
+    Options = FedAvgOptions
 
-    def aggregate(self, global_adapter: Adapter, updates: Iterable[Update]) -> tuple[Adapter, int]:
-        acc: dict[str, torch.Tensor] = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in global_adapter.items()}
-        total, used = 0, 0
-        for u in updates:
-            for k, v in u.adapter.items():
-                acc[k].add_(v.to(torch.float64), alpha=u.num_examples)
-            total += u.num_examples
-            used += 1
-        if used == 0:
-            return global_adapter, 0
-        return {k: (v / total).to(global_adapter[k].dtype) for k, v in acc.items()}, used
+    def step(self, theta: Arrays, delta: Arrays) -> Arrays:
+        lr = self.options.server_learning_rate
+        return {k: theta[k] + lr * delta[k] for k in theta}

@@ -1,0 +1,70 @@
+"""Settings as dataclass fields whose metadata carries their help and bounds.
+
+Shared by the run config (fedit/config.py) and the strategies' options
+(fedit/strategies/), so both are validated and documented the same way and
+neither imports the other.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+
+def option(default: Any, help: str, **kw: Any) -> Any:
+    """A field with its help text and bounds (min, max, exclusive_min, exclusive_max, choices)."""
+    return dataclasses.field(default=default, metadata={"help": help, **kw})
+
+
+def check_value(where: str, fld: dataclasses.Field, value: Any) -> tuple[Any, str | None]:
+    """Coerce ``value`` to the field's type; return (value, problem or None)."""
+    default = fld.default
+    meta = fld.metadata
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            return value, f"{where} = {value!r}: expected true or false"
+    elif isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            return value, f"{where} = {value!r}: expected a whole number"
+    elif isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return value, f"{where} = {value!r}: expected a number"
+        value = float(value)
+    elif isinstance(default, tuple):
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)) or not value or not all(isinstance(v, str) for v in value):
+            return value, f"{where} = {value!r}: expected a non-empty list of names"
+        value = tuple(value)
+    elif isinstance(default, str):
+        if not isinstance(value, str):
+            return value, f"{where} = {value!r}: expected a string"
+    if "choices" in meta and value not in meta["choices"]:
+        return value, f"{where} = {value!r}: choose one of {', '.join(meta['choices'])}"
+    if "min" in meta and (value < meta["min"] or (meta.get("exclusive_min") and value == meta["min"])):
+        op = ">" if meta.get("exclusive_min") else ">="
+        return value, f"{where} = {value!r}: must be {op} {meta['min']}"
+    if "max" in meta and (value > meta["max"] or (meta.get("exclusive_max") and value == meta["max"])):
+        op = "<" if meta.get("exclusive_max") else "<="
+        return value, f"{where} = {value!r}: must be {op} {meta['max']}"
+    return value, None
+
+
+def fill(cls: type, given: dict[str, Any], section: str, problems: list[str]) -> Any | None:
+    """An instance of the dataclass ``cls`` from ``given``; problems appended, None if there were any."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values, before = {}, len(problems)
+    for key, value in given.items():
+        if key not in fields:
+            problems.append(f"unknown key {section}.{key}; known keys: {', '.join(fields) or 'none'}")
+            continue
+        values[key], problem = check_value(f"{section}.{key}", fields[key], value)
+        if problem:
+            problems.append(problem)
+    return cls(**values) if len(problems) == before else None
+
+
+def describe(cls: type, section: str, indent: str = "  ") -> list[str]:
+    """``section.key = default`` and the help of every field, for --help-config."""
+    return [f"{indent}{section}.{f.name} = {f.default!r}\n{indent}    {f.metadata['help']}"
+            for f in dataclasses.fields(cls)]

@@ -1,0 +1,108 @@
+"""What crosses between the server and a client, and the two interfaces an algorithm fills in.
+
+The wire-level types (``FitIns`` down, ``Update`` up, ``Failure`` for a client
+that sent nothing usable) are the only things a runtime carries: the
+in-process simulation passes them as objects, the Flower runtime converts them
+to and from records (runtime/flower.py). Arrays travel as named groups of
+tensors, so an algorithm can send more than the global adapter (SCAFFOLD's
+control variate down, its change up) without a new message shape.
+
+A client's free-form ``metrics`` live apart from every field the server relies
+on (client id, example count, arrays): a metric may be called ``round`` or
+``num_examples`` and nothing collides.
+
+``ClientAlgorithm`` is the hook an algorithm gets inside the one client loop
+(fedit/client.py): an extra loss term, a gradient hook before each optimizer
+step, arrays to send beside the adapter, and state the client keeps between
+the rounds it takes part in. The strategy side (selection, instructions,
+aggregation, state) is ``fedit.strategies.base.Strategy``.
+
+This module imports no training code, so config validation and the Flower
+runtime can use it without loading a model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar, Union
+
+if TYPE_CHECKING:
+    import torch
+
+Arrays = dict[str, "torch.Tensor"]
+Scalar = Union[int, float, str, bool]
+
+# Array groups every algorithm uses.
+GLOBAL = "global"  # FitIns: the global adapter the client starts from
+ADAPTER = "adapter"  # Update: the client's adapter after local training
+
+# FitIns.config key: the last round in which the server accepted this client's update (0: never).
+# The client resumes its own state from that round, so state from a round the server did not
+# keep (a crash, a rejected update) is never used.
+STATE_ROUND = "state_round"
+
+
+@dataclass(frozen=True)
+class FitIns:
+    """Server -> one selected client, for one round."""
+
+    round: int
+    client_id: int
+    arrays: dict[str, Arrays]  # GLOBAL always; e.g. "control" for SCAFFOLD
+    config: dict[str, Scalar] = field(default_factory=dict)  # small scalars: STATE_ROUND, proximal_mu, ...
+
+    @property
+    def global_adapter(self) -> Arrays:
+        return self.arrays[GLOBAL]
+
+
+@dataclass
+class Update:
+    """One client -> server: named array groups, the examples it trained on this round, its metrics."""
+
+    client_id: int
+    arrays: dict[str, Arrays]  # ADAPTER always; e.g. "control_delta" for SCAFFOLD
+    num_examples: int  # examples actually trained this round (a client capped by max_steps counts fewer)
+    metrics: dict[str, float] = field(default_factory=dict)  # free-form; logged under their own key
+
+    @property
+    def adapter(self) -> Arrays:
+        return self.arrays[ADAPTER]
+
+
+@dataclass
+class Failure:
+    """A selected client that sent no usable reply (crashed, timed out, unreachable), and why."""
+
+    client_id: int
+    reason: str
+
+
+def nbytes(groups: dict[str, Arrays]) -> int:
+    """Bytes of the tensors in named array groups: what a message carries, headers aside."""
+    return sum(t.numel() * t.element_size() for arrays in groups.values() for t in arrays.values())
+
+
+class ClientAlgorithm:
+    """Hooks inside the client loop; the base class is plain local training (FedAvg's client).
+
+    One instance per client and round, made by the strategy class from the round's FitIns and
+    the client's own saved state (None the first time it takes part).
+    """
+
+    stateful: ClassVar[bool] = False  # keeps state between the rounds a client takes part in
+
+    def __init__(self, ins: FitIns, state: Arrays | None):
+        self.ins, self.state = ins, state
+
+    def extra_loss(self, params: dict[str, "torch.Tensor"]) -> "torch.Tensor | None":
+        """A term added to the loss once per optimizer step (not per micro-batch); None: none."""
+        return None
+
+    def on_grads(self, params: dict[str, "torch.Tensor"]) -> None:
+        """Called once per optimizer step, after the step's gradients are complete and before
+        clipping and the optimizer: may change ``p.grad`` in place."""
+
+    def finish(self, params: dict[str, "torch.Tensor"]) -> tuple[dict[str, Arrays], Arrays | None]:
+        """After local training: (array groups to send beside the adapter, state to keep or None)."""
+        return {}, None

@@ -1,0 +1,27 @@
+"""FedAdagrad: Reddi et al., "Adaptive Federated Optimization" (ICLR 2021), Algorithm 2.
+
+v ← v + Δ̄² (no decay: the step shrinks as changes accumulate). It has no β2. Its β1 defaults
+to 0 (Flower's FedAdagrad): with β1 = 0.9 the first step would be a tenth of eta. The rest is in
+fedopt.py.
+"""
+
+from dataclasses import dataclass
+
+from fedit.fields import option
+from fedit.strategies.fedopt import FedOpt, eta_option, tau_option
+
+
+@dataclass(frozen=True)
+class FedAdagradOptions:
+    eta: float = eta_option()
+    beta_1: float = option(0.0, "First-moment decay β1 (0: no server momentum).", min=0.0, max=1.0,
+                           exclusive_max=True)
+    tau: float = tau_option()
+
+
+class FedAdagrad(FedOpt):
+    name = "fedadagrad"
+    Options = FedAdagradOptions
+
+    def second_moment(self, v, d2):
+        return v + d2
