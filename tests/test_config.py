@@ -96,3 +96,16 @@ def test_describe_documents_every_strategy_and_option():
         assert f"  {name}: " in text, name
         for f in dataclasses.fields(cls.Options):
             assert f"strategy.{f.name} = " in text, (name, f.name)
+
+
+def test_config_validation_does_not_import_the_training_code():
+    """config -> strategies must not reach client, model or transformers (once a cycle, and a slow import)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from fedit import config; config.load(None, ['federation.strategy=scaffold']); "
+            "config.describe(); print(sorted(m for m in ('fedit.client', 'fedit.model', 'fedit.server', "
+            "'transformers', 'peft') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

@@ -401,14 +401,19 @@ def test_unregistered_supernode_is_refused(deployment):
     assert d.online() == set(d.node_ids.values())
 
 
-def test_deployment_matches_in_process_simulation(deployment, tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("strategy", ["fedavg", "fedprox", "fedadam", "scaffold"])
+def test_deployment_matches_in_process_simulation(deployment, tmp_path, tiny_model_dir, strategy):
+    """The same adapters as in-process, for FedAvg and for what other algorithms add to a round:
+    FedProx's proximal term, FedAdam's server moments, and SCAFFOLD's control variates (the server's
+    c sent down, each client's c_k kept on its SuperNode, Δc_k sent up)."""
     d = deployment
-    sim_cfg = tiny_config(tiny_model_dir, d.parts, tmp_path / "sim", federation={"rounds": 2, "clients_per_round": 2})
-    runner.run(sim_cfg)
-    cfg = tiny_config(tiny_model_dir, d.parts, tmp_path / "flower", federation={"rounds": 2, "clients_per_round": 2})
-    run_id, status, lines = _launch(d, cfg)
+    sections = {"federation": {"rounds": 2, "clients_per_round": 2, "strategy": strategy},
+                "strategy": {"proximal_mu": 1.0} if strategy == "fedprox" else {}}
+    runner.run(tiny_config(tiny_model_dir, d.parts, tmp_path / "sim", **sections))
+    run_id, status, lines = _launch(d, tiny_config(tiny_model_dir, d.parts, tmp_path / "flower", **sections))
     assert status == "finished:completed", "\n".join(lines)
     sim, dep = server.RunDir(tmp_path / "sim"), server.RunDir(tmp_path / "flower")
+    # seed 7: rounds 1 and 2 pick [1, 2] and [0, 2]: client 2 starts round 2 from its own state
     assert [r["clients"] for r in dep.events("round")] == [r["clients"] for r in sim.events("round")] == [[], [1, 2], [0, 2]]
     assert all(c["accepted"] for c in dep.events("client")) and len(dep.events("client")) == 4
     for r in (1, 2):
@@ -424,30 +429,10 @@ def test_deployment_matches_in_process_simulation(deployment, tmp_path, tiny_mod
     assert json.loads((tmp_path / "flower" / "run.json").read_text())["flower"]["client_ids"] == [0, 1, 2]
     # each train reply reports what loading the base model cost in that fresh ClientApp process
     assert all(c["metrics"]["load_seconds"] > 0 for c in dep.events("client"))
-
-
-@pytest.mark.parametrize("strategy", ["fedprox", "fedadam", "scaffold"])
-def test_deployment_matches_in_process_simulation_for_other_strategies(deployment, tmp_path, tiny_model_dir,
-                                                                        strategy):
-    """FedProx's proximal term, FedAdam's server moments and SCAFFOLD's control variates (the server's c
-    sent down, each client's c_k kept on its SuperNode, Δc_k sent up): the same adapters as in-process."""
-    d = deployment
-    sections = {"federation": {"rounds": 2, "clients_per_round": 2, "strategy": strategy},
-                "strategy": {"proximal_mu": 1.0} if strategy == "fedprox" else {}}
-    runner.run(tiny_config(tiny_model_dir, d.parts, tmp_path / "sim", **sections))
-    run_id, status, lines = _launch(d, tiny_config(tiny_model_dir, d.parts, tmp_path / "flower", **sections))
-    assert status == "finished:completed", "\n".join(lines)
-    sim, dep = server.RunDir(tmp_path / "sim"), server.RunDir(tmp_path / "flower")
-    # seed 7: rounds 1 and 2 pick [1, 2] and [0, 2]: client 2 starts round 2 from its own state
-    assert [r["clients"] for r in dep.events("round")] == [r["clients"] for r in sim.events("round")] == [[], [1, 2], [0, 2]]
-    assert all(c["accepted"] for c in dep.events("client")) and len(dep.events("client")) == 4
-    for r in (1, 2):
-        a, b = load_adapter_file(sim.round_dir(r)), load_adapter_file(dep.round_dir(r))
-        for k in a:
-            assert torch.allclose(a[k], b[k], atol=1e-6, rtol=1e-5), (r, k)
-    if strategy == "scaffold":  # twice FedAvg's bytes each way: adapter + control down, adapter + Δc up
-        c = dep.events("client")[0]
-        assert c["bytes_down"] == c["bytes_up"] == 2 * sum(v.numel() * 4 for v in a.values())
+    # bytes per client: the adapter each way, and SCAFFOLD's control variates beside it
+    c = dep.events("client")[0]
+    adapter_bytes = sum(v.numel() * 4 for v in a.values())
+    assert c["bytes_down"] == c["bytes_up"] == adapter_bytes * (2 if strategy == "scaffold" else 1)
 
 
 def test_supernode_killed_mid_round_is_dropped_and_the_run_goes_on(deployment, tmp_path, tiny_model_dir):

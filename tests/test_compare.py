@@ -1,0 +1,86 @@
+"""`fedit compare`: the same split, init, selection and budget for every strategy, and its statistics."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fedit import compare, server
+from fedit.errors import FeditError
+
+
+def test_bootstrap_gap_hand_computed():
+    ref = [[2.0, 1], [6.0, 3], [9.0, 3]]  # token-mean loss 17 / 7
+    same = compare.bootstrap_gap(ref, ref)
+    assert same == (0.0, 0.0, 0.0)
+    # every record's loss sum 10% higher: the gap is +10% on every resample, so the interval is a point
+    gap, lo, hi = compare.bootstrap_gap([[s * 1.1, n] for s, n in ref], ref)
+    assert gap == pytest.approx(0.1) and lo == pytest.approx(0.1) and hi == pytest.approx(0.1)
+    # one record much worse: the point gap is (2 + 6 + 18) / 17 − 1, and the interval straddles it
+    gap, lo, hi = compare.bootstrap_gap([[2.0, 1], [6.0, 3], [18.0, 3]], ref)
+    assert gap == pytest.approx(26 / 17 - 1) and lo < gap < hi
+    # records without scored tokens carry no information and are left out
+    assert compare.bootstrap_gap(ref + [[0.0, 0]], ref + [[0.0, 0]])[0] == 0.0
+
+
+def test_per_strategy_settings_are_parsed_and_checked():
+    assert compare.parse_sets(["fedprox:strategy.proximal_mu=0.1"], ["fedavg", "fedprox"]) == {
+        "fedavg": [], "fedprox": ["strategy.proximal_mu=0.1"]}
+    with pytest.raises(FeditError, match="not among --strategies"):
+        compare.parse_sets(["fedadam:strategy.eta=1"], ["fedavg"])
+    with pytest.raises(FeditError, match="must look like STRATEGY:section.key=value"):
+        compare.parse_sets(["strategy.eta=1"], ["fedavg"])
+    scale = compare.SCALES["smoke"]
+    with pytest.raises(FeditError, match="unknown fedadgrad; choose from"):
+        compare.strategy_configs(scale, ["fedavg", "fedadgrad"], None, [], [])
+    # an option the strategy does not have names the strategy and the options it has
+    with pytest.raises(FeditError, match="unknown key strategy.eta; known keys: proximal_mu"):
+        compare.strategy_configs(scale, ["fedprox"], None, [], ["fedprox:strategy.eta=1"])
+
+
+def test_smoke_comparison(tmp_path, tiny_model_dir, records_file):
+    out = tmp_path / "cmp"
+    args = dict(data=str(records_file), out=str(out), sets=["fedprox:strategy.proximal_mu=0.5"],
+                overrides=[f"model.name={tiny_model_dir}", "model.dtype=fp32", "model.device=cpu", "lora.r=4",
+                           "run.progress=false"])
+    compare.compare("smoke", ["fedavg", "fedprox", "scaffold"], **args)
+    res = json.loads((out / "compare.json").read_text())
+    runs = out / "runs"
+    # the same selection and the same init for every strategy; only the algorithm differs
+    selections = {n: [r["clients"] for r in server.RunDir(runs / n).events("round")] for n in res["strategies"]}
+    assert len({json.dumps(s) for s in selections.values()}) == 1
+    base = {n: server.RunDir(runs / n).events("round")[0]["eval"]["loss"] for n in [*res["strategies"], "centralized"]}
+    assert len(set(base.values())) == 1 and res["base"]["loss"] == base["fedavg"]
+    for name, r in res["strategies"].items():
+        last = server.RunDir(runs / name).events("round")[-1]["eval"]
+        assert r["loss"] == last["loss"] and r["gap_low"] <= r["gap"] <= r["gap_high"]
+        assert r["gap"] == pytest.approx(last["loss"] / res["centralized"]["loss"] - 1)
+        assert [x for x, _ in r["curve"]] == [0, 1, 2]
+    assert res["strategies"]["fedprox"]["options"] == {"proximal_mu": 0.5, "server_learning_rate": 1.0}
+    # SCAFFOLD's control variates double the bytes of a round
+    assert res["strategies"]["scaffold"]["bytes_per_round"] == 2 * res["strategies"]["fedavg"]["bytes_per_round"]
+    # the held-out records are scored at the evaluation cutoff (256), not the training one (128)
+    from transformers import AutoTokenizer
+
+    from fedit.data.batches import tokenize
+    from fedit.data.records import load_records
+
+    test = load_records(out / "data" / "fedit" / "test.jsonl").records
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    scored = lambda cutoff: sum(e.trained_tokens for e in tokenize(test, tok, cutoff))  # noqa: E731
+    assert server.RunDir(runs / "fedavg").events("round")[0]["eval"]["tokens"] == scored(256) > scored(128)
+    md = (out / "compare.md").read_text()
+    assert all(f"| {n} |" in md for n in ["fedavg", "fedprox", "scaffold", "centralized"])
+    assert "proximal_mu = 0.5" in md and (out / "compare.png").stat().st_size > 10_000
+    # a rerun reuses every finished run: nothing is trained again
+    stamp = {n: (runs / n / "state.json").stat().st_mtime_ns for n in res["strategies"]}
+    lines = []
+
+    class Say:
+        def print(self, text, **kw):
+            lines.append(str(text))
+
+    compare.compare("smoke", ["fedavg", "fedprox", "scaffold"], console=Say(), **args)
+    assert stamp == {n: (runs / n / "state.json").stat().st_mtime_ns for n in res["strategies"]}
+    assert sum("reusing the finished run" in line for line in lines) == 4
