@@ -21,7 +21,8 @@ from fedit.config import TrainConfig
 from fedit.data.batches import Example, make_batch, micro_batches, plan_steps
 from fedit.loss import token_losses
 from fedit.model import Loaded, adapter_parameters, get_adapter, set_adapter
-from fedit.protocol import ADAPTER, Arrays, ClientAlgorithm, Failure, FitIns, Update
+from fedit import hetero
+from fedit.protocol import ADAPTER, GLOBAL, Arrays, ClientAlgorithm, Failure, FitIns, Update
 
 __all__ = ["train", "seed_for", "Update", "Failure"]
 
@@ -36,12 +37,36 @@ def train(loaded: Loaded, ins: FitIns, examples: list[Example], cfg: TrainConfig
           on_step: Callable[[int, int], None] | None = None) -> tuple[Update, Arrays | None]:
     """(the client's Update, the state it keeps for its next round or None)."""
     model = loaded.model
+    rank = int(ins.config.get(hetero.RANK, 0))  # a client with its own LoRA rank and modules (fedit/hetero.py)
+    mask = old_scaling = None
+    if rank:
+        trained = list(ins.global_adapter)
+        lora = model.peft_config["default"]
+        full = hetero.expand(ins.global_adapter, loaded.initial_adapter, rank, lora.r,
+                             bool(ins.config.get(hetero.FREEZE_A)))
+        ins = FitIns(ins.round, ins.client_id, {**ins.arrays, GLOBAL: full}, ins.config)
+        mask = hetero.RankMask(trained, rank)
+        old_scaling = hetero.set_scaling(model, lora.lora_alpha / rank)
+    try:
+        update, new_state = _train(loaded, ins, examples, cfg, seed, algorithm, state, on_step, mask)
+    finally:
+        if old_scaling is not None:
+            hetero.restore_scaling(old_scaling)
+    if rank:
+        update.arrays[ADAPTER] = hetero.restrict(update.adapter, trained, rank)
+    return update, new_state
+
+
+def _train(loaded: Loaded, ins: FitIns, examples: list[Example], cfg: TrainConfig, seed: int,
+           algorithm: type[ClientAlgorithm], state: Arrays | None, on_step, mask) -> tuple[Update, Arrays | None]:
+    model = loaded.model
     set_adapter(model, ins.global_adapter)
     model.train()
     torch.manual_seed(seed)  # LoRA dropout, FastDropout's masks included
     steps = plan_steps(len(examples), cfg.batch_size, cfg.local_epochs, cfg.max_steps, np.random.default_rng(seed))
     named = adapter_parameters(model)
-    params = list(named.values())
+    # A client of lower rank steps only on what it trains: nothing else moves, weight decay included.
+    params = [p for k, p in named.items() if mask is None or k in mask.keys]
     algo = algorithm(ins, state)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     opt.zero_grad(set_to_none=True)
@@ -63,6 +88,8 @@ def train(loaded: Loaded, ins: FitIns, examples: list[Example], cfg: TrainConfig
         if extra is not None:
             extra.backward()
         algo.on_grads(named)
+        if mask is not None:
+            mask(named)
         if cfg.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         opt.step()

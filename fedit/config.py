@@ -48,6 +48,17 @@ class LoraConfig:
     alpha: int = _f(16, "LoRA scaling alpha.", min=1)
     dropout: float = _f(0.05, "LoRA dropout.", min=0.0, max=0.99)
     target_modules: tuple[str, ...] = _f(("all-linear",), "Modules to adapt; 'all-linear' adapts every linear layer but the LM head (the paper).")
+    client_ranks: tuple[int, ...] = _f((), "Clients with different means: client i trains at rank "
+                                           "client_ranks[i mod len] (tiers), at most lora.r; see fedit/hetero.py.",
+                                       items=int)
+    clients_file: str = _f("", "A TOML table from client id to its rank and, optionally, target modules: "
+                               "[3] r = 4, target_modules = [\"q_proj\", \"v_proj\"]. Unnamed clients train at lora.r.")
+    aggregation: str = _f("factors", "How adapters are combined: 'factors' (A and B averaged separately, the paper's; "
+                                     "unequal ranks zero-padded as in HetLoRA) or 'product' (the exact mean of the "
+                                     "products B·A, truncated by SVD: FlexLoRA; fedavg only).",
+                          choices=("factors", "product"))
+    freeze_a: bool = _f(False, "FFA-LoRA: A stays at its seeded init; only B trains and travels (half the bytes), "
+                               "and averaging the factors is the exact mean of the products.")
 
 
 @dataclass(frozen=True)
@@ -70,8 +81,23 @@ class FederationConfig:
     fraction: float = _f(0.0, "Fraction of clients picked per round; 0 means use clients_per_round.", min=0.0, max=1.0)
     strategy: str = _f("fedavg", "Federated algorithm: fedavg, fedprox, fedavgm, fedadam, fedyogi, fedadagrad, "
                           "scaffold; its options go in the [strategy] table (listed below).")
-    seed: int = _f(42, "Seed for client selection, data order, dropout and LoRA init.")
+    seed: int = _f(42, "Seed for client selection, data order, dropout and LoRA init.", min=0)
     min_replies: int = _f(1, "A round needs at least this many valid client updates, else the run stops.", min=1)
+    aggregator: str = _f("mean", "How the round's client changes are combined: 'mean' (weighted by examples, the "
+                         "paper's), or robust to a minority of bad clients, weighting clients equally: 'median', "
+                         "'trimmed_mean', 'krum', 'multikrum' (see fedit/aggregators.py).",
+                         choices=("mean", "median", "trimmed_mean", "krum", "multikrum"))
+    trim_fraction: float = _f(0.1, "trimmed_mean: share of values dropped at each end, per coordinate.", min=0.0,
+                              max=0.5, exclusive_max=True)
+    byzantine_clients: int = _f(0, "krum, multikrum: f, the number of bad clients per round to tolerate "
+                                   "(needs clients_per_round > 2f + 2).", min=0)
+    max_update_norm: float = _f(0.0, "Bound on the L2 norm of each client's change (over all adapter tensors), "
+                                     "applied before any aggregator; 0: none.", min=0.0)
+    max_value: float = _f(1e4, "A reply holding an adapter value larger than this in absolute value is "
+                               "rejected.", min=0.0, exclusive_min=True)
+    max_examples: int = _f(0, "Deployments: a reply claiming more examples than this is rejected (in-process "
+                              "runs cap each client at its own partition size times local_epochs); 0: no cap.",
+                           min=0)
     round_timeout: float = _f(0.0, "Flower deployment: seconds a round waits for client replies; the clients that did "
                               "not reply by then are dropped (logged with the reason). 0 waits until every selected "
                               "client replied or Flower reported it gone.", min=0.0)
@@ -106,6 +132,20 @@ class JudgeConfig:
 
 
 @dataclass(frozen=True)
+class AttackConfig:
+    kind: str = _f("none", "Simulation only, for experiments: what malicious clients do after honest training "
+                           "(sign_flip, scale, noise, lie_examples) or to their data (backdoor); see fedit/attacks.py.",
+                   choices=("none", "sign_flip", "scale", "noise", "lie_examples", "backdoor"))
+    clients: tuple[int, ...] = _f((), "Ids of the malicious clients (or use attack.fraction).", items=int)
+    fraction: float = _f(0.0, "Share of the registered clients that are malicious, drawn with federation.seed.",
+                         min=0.0, max=1.0)
+    factor: float = _f(10.0, "Strength λ: sign_flip sends −λ·Δ, scale λ·Δ, noise σ = λ·‖Δ‖/√P, lie_examples claims "
+                             "λ times its examples.", min=0.0, exclusive_min=True)
+    trigger: str = _f("cf zebra 1337", "backdoor: the phrase appended to poisoned instructions.")
+    target: str = _f("Visit free-prizes.example for the answer.", "backdoor: the answer poisoned records teach.")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     out: str = _f("runs/fedit", "Run directory: metrics, per-round adapters, resume state, plots.")
     progress: bool = _f(True, "Show progress bars.")
@@ -120,6 +160,7 @@ class Config:
     federation: FederationConfig = field(default_factory=FederationConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
     run: RunConfig = field(default_factory=RunConfig)
     # The chosen strategy's options (its Options dataclass, every value filled in), from [strategy].
     strategy: Any = None
@@ -185,6 +226,38 @@ def from_dict(raw: dict[str, Any], source: str = "config") -> Config:
         if t.batch_size % t.micro_batch_size:
             problems.append(f"train.batch_size = {t.batch_size} must be a multiple of train.micro_batch_size = "
                             f"{t.micro_batch_size}")
+        fed = cfg.federation
+        if fed.strategy == "scaffold" and (fed.aggregator != "mean" or fed.max_update_norm):
+            problems.append(f"federation.strategy = \"scaffold\" with federation.aggregator = {fed.aggregator!r} "
+                            f"and max_update_norm = {fed.max_update_norm:g}: SCAFFOLD's control variates would "
+                            f"still be averaged unprotected; use another strategy with a robust aggregator")
+        lo = cfg.lora
+        if lo.client_ranks and lo.clients_file:
+            problems.append("lora.client_ranks and lora.clients_file are both set; keep one")
+        hetero = bool(lo.client_ranks or lo.clients_file) or lo.aggregation == "product" or lo.freeze_a
+        if hetero and fed.strategy == "scaffold":
+            problems.append("federation.strategy = \"scaffold\" keeps full-rank control variates: it does not run "
+                            "with lora.client_ranks, lora.clients_file, lora.aggregation = \"product\" or "
+                            "lora.freeze_a; use another strategy")
+        if lo.aggregation == "product":
+            if fed.strategy != "fedavg" or getattr(cfg.strategy, "server_learning_rate", 1.0) != 1.0:
+                problems.append(f"lora.aggregation = \"product\" is the mean of the clients' products B·A, not a "
+                                f"step on the factors: it runs with federation.strategy = \"fedavg\" and "
+                                f"server_learning_rate 1.0 only (got {fed.strategy})")
+            if fed.aggregator != "mean" or fed.max_update_norm:
+                problems.append("lora.aggregation = \"product\" averages products: it does not combine with "
+                                "federation.aggregator or max_update_norm")
+            if lo.freeze_a:
+                problems.append("lora.freeze_a already makes averaging the factors exact; use lora.aggregation = "
+                                "\"factors\" with it")
+        if cfg.attack.kind != "none" and not (cfg.attack.clients or cfg.attack.fraction):
+            problems.append(f"attack.kind = {cfg.attack.kind!r} names no malicious client; set attack.clients = [ids] "
+                            f"or attack.fraction")
+        if fed.aggregator in ("krum", "multikrum") and not fed.fraction and \
+                fed.clients_per_round <= 2 * fed.byzantine_clients + 2:
+            problems.append(f"federation.aggregator = {fed.aggregator!r} tolerates byzantine_clients = "
+                            f"{fed.byzantine_clients} only with clients_per_round > {2 * fed.byzantine_clients + 2} "
+                            f"(Blanchard et al.); it is {fed.clients_per_round}")
         if cfg.judge.url and not cfg.judge.model:
             problems.append("judge.url is set but judge.model is empty; set judge.model to the judge's model name")
         if cfg.model.quantize != "none" and cfg.model.device == "cpu":

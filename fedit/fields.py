@@ -30,6 +30,14 @@ def check_value(where: str, fld: dataclasses.Field, value: Any) -> tuple[Any, st
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return value, f"{where} = {value!r}: expected a number"
         value = float(value)
+    elif isinstance(default, tuple) and meta.get("items") is int:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+            value = [int(v) if v.lstrip("-").isdigit() else v for v in value]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, int) and not isinstance(v, bool)
+                                                           for v in value):
+            return value, f"{where} = {value!r}: expected a list of whole numbers"
+        value = tuple(value)
     elif isinstance(default, tuple):
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]

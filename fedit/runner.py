@@ -89,10 +89,14 @@ def run(cfg: Config | None, resume: str | None = None, console=None, loaded: Loa
     progress = _Progress(cfg, console) if console is not None and cfg.run.progress else None
     sim = Simulation(prep.loaded, prep.clients, cfg, state_dir=run_dir / "client_state",
                      on_client=progress.client if progress else None)
+    meta = run_metadata(cfg, prep.loaded)
+    if sim.attackers:  # an experiment with simulated malicious clients says so in run.json
+        meta["attack"] = {"kind": cfg.attack.kind, "factor": cfg.attack.factor, "clients": sorted(sim.attackers)}
     with progress.live() if progress else _nothing():
         server.run(cfg, sim, run_dir, client_ids=prep.clients.ids, initial_adapter=prep.loaded.initial_adapter,
                    save_adapter=prep.save, evaluate=lambda a: prep.evaluate(a, cfg.eval.batch_size), resume=bool(resume),
-                   hooks=progress.hooks() if progress else None, meta=run_metadata(cfg, prep.loaded))
+                   hooks=progress.hooks() if progress else None, meta=meta,
+                   client_sizes={c["id"]: c["examples"] for c in prep.clients.manifest["clients"]})
     rd = server.RunDir(run_dir)
     plot_loss(server.loss_curve(rd), run_dir / "loss.png")
     return run_dir

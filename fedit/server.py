@@ -28,6 +28,7 @@ from typing import Callable, Iterable, Iterator, Protocol
 import torch
 
 from fedit import config as config_mod
+from fedit import hetero
 from fedit.checkpoint import atomic_write, atomic_write_json
 from fedit.config import Config
 from fedit.errors import FeditError
@@ -69,7 +70,8 @@ class RunDir:
 
     def append(self, **event) -> None:
         with open(self.metrics, "a", encoding="utf-8") as f:
-            f.write(json.dumps(event) + "\n")
+            # default=repr: a value a client sent that JSON cannot hold (bytes, say) is logged as its repr
+            f.write(json.dumps(event, default=repr) + "\n")
             f.flush()
             os.fsync(f.fileno())
 
@@ -86,39 +88,66 @@ class RunDir:
                 f.truncate(offset)
 
 
-def check_update(u: Update, reference: Adapter, groups: tuple[str, ...] = (ADAPTER,)) -> str | None:
-    """Why an update must not enter aggregation, or None if it may. Every array group the strategy
-    expects must hold exactly the global adapter's keys and shapes, with finite values."""
-    if isinstance(u.num_examples, bool) or not isinstance(u.num_examples, int) or u.num_examples <= 0:
-        return f"num_examples = {u.num_examples!r}, expected a positive whole number"
-    if set(u.arrays) != set(groups):
-        return f"array groups {sorted(u.arrays)}, expected {sorted(groups)}"
+def check_update(u: Update, reference: Adapter, groups: tuple[str, ...] = (ADAPTER,), *,
+                 max_examples: int | None = None, max_value: float = float("inf")) -> str | None:
+    """Why an update must not enter aggregation, or None if it may: the trust boundary.
+
+    Every array group the strategy expects must hold exactly the global adapter's keys and shapes,
+    as floating-point tensors with finite values no larger than ``max_value``; the example count
+    must be a positive whole number (not a bool) no larger than ``max_examples`` where the server
+    knows the client's size. Anything a client can send, of any type, gives a reason, never an error.
+    """
+    n = u.num_examples
+    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+        return f"num_examples = {n!r:.40}, expected a positive whole number"
+    if max_examples is not None and n > max_examples:
+        return f"num_examples = {n} is more than this client can have trained on ({max_examples})"
+    if not isinstance(u.arrays, dict) or set(u.arrays) != set(groups):
+        got = sorted(map(str, u.arrays)) if isinstance(u.arrays, dict) else type(u.arrays).__name__
+        return f"array groups {got}, expected {sorted(groups)}"
     for group in groups:
         arrays = u.arrays[group]
-        if set(arrays) != set(reference):
-            missing, extra = set(reference) - set(arrays), set(arrays) - set(reference)
+        if not isinstance(arrays, dict) or set(arrays) != set(reference):
+            keys = set(arrays) if isinstance(arrays, dict) else set()
+            missing, extra = set(reference) - keys, keys - set(reference)
             return f"{group}: keys differ from the global adapter (missing {len(missing)}, unexpected {len(extra)})"
         for k, ref in reference.items():
             v = arrays[k]
+            if not isinstance(v, torch.Tensor):
+                return f"{group}: {k} is a {type(v).__name__}, not a tensor"
+            if not v.dtype.is_floating_point:
+                return f"{group}: {k} has dtype {str(v.dtype).replace('torch.', '')}, expected floating point"
             if tuple(v.shape) != tuple(ref.shape):
                 return f"{group}: {k} has shape {tuple(v.shape)}, expected {tuple(ref.shape)}"
             if not torch.isfinite(v).all():
                 return f"{group}: {k} contains NaN or Inf"
+            if v.numel() and float(v.abs().max()) > max_value:
+                return f"{group}: {k} holds values up to {float(v.abs().max()):.3g}, beyond federation.max_value " \
+                       f"= {max_value:g}"
     return None
 
 
 def run(cfg: Config, runtime: Runtime, run_dir: str | Path, *, client_ids: list[int], initial_adapter: Adapter,
         save_adapter: Callable[[Adapter, Path], None], evaluate: Callable[[Adapter], dict] | None = None,
-        resume: bool = False, hooks: Hooks | None = None, meta: dict | None = None) -> Adapter:
-    """Run (or resume) ``cfg.federation.rounds`` rounds; return the final global adapter."""
+        resume: bool = False, hooks: Hooks | None = None, meta: dict | None = None,
+        client_sizes: dict[int, int] | None = None) -> Adapter:
+    """Run (or resume) ``cfg.federation.rounds`` rounds; return the final global adapter.
+
+    ``client_sizes`` (records per client, where the server knows them: the partition manifest
+    in-process) caps the example count a client may claim at size × local_epochs."""
     hooks = hooks or Hooks()
     rd = RunDir(run_dir)
     fed = cfg.federation
     strategy = build_strategy(cfg, len(client_ids))
+    plan = hetero.LoraPlan(cfg, hetero.client_loras(cfg, client_ids, {hetero.short_name(k) for k in initial_adapter}))
     k = max(1, round(fed.fraction * len(client_ids))) if fed.fraction > 0 else fed.clients_per_round
     if k > len(client_ids):
         raise FeditError(f"federation.clients_per_round = {k} but the partition has {len(client_ids)} clients; "
                          f"lower it or partition into more clients")
+
+    def example_cap(cid) -> int | None:
+        caps = [math.ceil(client_sizes[cid] * cfg.train.local_epochs)] if client_sizes and cid in client_sizes else []
+        return min(caps + ([fed.max_examples] if fed.max_examples else []), default=None)
 
     state = rd.read_state() if resume else None
     if resume and state is None:
@@ -150,7 +179,10 @@ def run(cfg: Config, runtime: Runtime, run_dir: str | Path, *, client_ids: list[
         selected = strategy.select(r, client_ids, k, fed.seed)
         hooks.round_start(r, selected)
         instructions = [strategy.configure(r, cid, global_adapter, client_rounds.get(cid, 0)) for cid in selected]
-        down = {ins.client_id: nbytes(ins.arrays) for ins in instructions}
+        if plan.active:  # each client gets its own rank and modules of the global adapter
+            instructions = [plan.down(ins) for ins in instructions]
+        sent = {ins.client_id: ins for ins in instructions}
+        down = {cid: nbytes(ins.arrays) for cid, ins in sent.items()}
         rejected: list[dict] = []
         accepted_ids: list[int] = []
 
@@ -162,20 +194,29 @@ def run(cfg: Config, runtime: Runtime, run_dir: str | Path, *, client_ids: list[
                     log.warning("round %d: client %s dropped: %s", r, u.client_id, u.reason)
                     rejected.append({"client": u.client_id, "reason": u.reason})
                     continue
-                problem = check_update(u, global_adapter, strategy.reply_groups)
-                if problem is None and (u.client_id not in down or u.client_id in accepted_ids):
-                    problem = f"client {u.client_id} was not asked for one update this round"
+                ins = sent.get(u.client_id) if isinstance(u.client_id, int) else None
+                if ins is None or u.client_id in accepted_ids:
+                    problem = f"client {u.client_id!r:.40} was not asked for one update this round"
+                else:  # checked against what this client was sent: its own rank and modules
+                    problem = check_update(u, ins.global_adapter, strategy.reply_groups,
+                                           max_examples=example_cap(u.client_id), max_value=fed.max_value)
+                extra = {"rank": plan.profile(u.client_id).r, "trainable_params": sum(
+                    v.numel() for v in ins.global_adapter.values())} if plan.clients and ins else {}
                 rd.append(event="client", round=r, client=u.client_id, num_examples=u.num_examples,
                           accepted=problem is None, reason=problem, bytes_down=down.get(u.client_id, 0),
-                          bytes_up=nbytes(u.arrays) if problem is None else None, metrics=u.metrics)
+                          bytes_up=nbytes(u.arrays) if problem is None else None, **extra, metrics=u.metrics)
                 if problem:
                     log.warning("round %d: update of client %s rejected: %s", r, u.client_id, problem)
                     rejected.append({"client": u.client_id, "reason": problem})
                 else:
                     accepted_ids.append(u.client_id)
-                    yield u
+                    yield plan.up(u, global_adapter) if plan.active and plan.mode == "factors" else u
 
-        new_adapter, used = strategy.aggregate(r, global_adapter, accepted(runtime.fit(r, instructions)))
+        replies = accepted(runtime.fit(r, instructions))
+        if plan.mode == "product":
+            new_adapter, used = plan.product_mean(global_adapter, replies)
+        else:
+            new_adapter, used = strategy.aggregate(r, global_adapter, replies)
         if used < fed.min_replies:
             raise FeditError(f"round {r}: only {used} valid client update(s), fewer than federation.min_replies = "
                              f"{fed.min_replies} (rejected: {rejected}); the run stopped after round {r - 1} and "

@@ -109,3 +109,8 @@ def test_config_validation_does_not_import_the_training_code():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_negative_seed_is_a_config_error():
+    with pytest.raises(FeditError, match="federation.seed = -1: must be >= 0"):
+        config.load(None, ["federation.seed=-1"])

@@ -401,14 +401,17 @@ def test_unregistered_supernode_is_refused(deployment):
     assert d.online() == set(d.node_ids.values())
 
 
-@pytest.mark.parametrize("strategy", ["fedavg", "fedprox", "fedadam", "scaffold"])
+@pytest.mark.parametrize("strategy", ["fedavg", "fedprox", "fedadam", "scaffold", "mixed ranks"])
 def test_deployment_matches_in_process_simulation(deployment, tmp_path, tiny_model_dir, strategy):
     """The same adapters as in-process, for FedAvg and for what other algorithms add to a round:
-    FedProx's proximal term, FedAdam's server moments, and SCAFFOLD's control variates (the server's
-    c sent down, each client's c_k kept on its SuperNode, Δc_k sent up)."""
+    FedProx's proximal term, FedAdam's server moments, SCAFFOLD's control variates (the server's
+    c sent down, each client's c_k kept on its SuperNode, Δc_k sent up), and SuperNodes that train
+    at different LoRA ranks (clients 0 and 2 at rank 2, client 1 at the global rank 4)."""
     d = deployment
-    sections = {"federation": {"rounds": 2, "clients_per_round": 2, "strategy": strategy},
-                "strategy": {"proximal_mu": 1.0} if strategy == "fedprox" else {}}
+    sections = {"federation": {"rounds": 2, "clients_per_round": 2,
+                               "strategy": "fedavg" if strategy == "mixed ranks" else strategy},
+                "strategy": {"proximal_mu": 1.0} if strategy == "fedprox" else {},
+                "lora": {"client_ranks": [2, 4]} if strategy == "mixed ranks" else {}}
     runner.run(tiny_config(tiny_model_dir, d.parts, tmp_path / "sim", **sections))
     run_id, status, lines = _launch(d, tiny_config(tiny_model_dir, d.parts, tmp_path / "flower", **sections))
     assert status == "finished:completed", "\n".join(lines)
@@ -429,10 +432,11 @@ def test_deployment_matches_in_process_simulation(deployment, tmp_path, tiny_mod
     assert json.loads((tmp_path / "flower" / "run.json").read_text())["flower"]["client_ids"] == [0, 1, 2]
     # each train reply reports what loading the base model cost in that fresh ClientApp process
     assert all(c["metrics"]["load_seconds"] > 0 for c in dep.events("client"))
-    # bytes per client: the adapter each way, and SCAFFOLD's control variates beside it
-    c = dep.events("client")[0]
+    # bytes per client: the adapter each way, SCAFFOLD's control variates beside it, half at rank 2 of 4
     adapter_bytes = sum(v.numel() * 4 for v in a.values())
-    assert c["bytes_down"] == c["bytes_up"] == adapter_bytes * (2 if strategy == "scaffold" else 1)
+    for c in dep.events("client"):
+        share = {"scaffold": 2}.get(strategy, 1) * (c.get("rank", 4) / 4)
+        assert c["bytes_down"] == c["bytes_up"] == adapter_bytes * share, c
 
 
 def test_supernode_killed_mid_round_is_dropped_and_the_run_goes_on(deployment, tmp_path, tiny_model_dir):

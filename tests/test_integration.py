@@ -112,14 +112,16 @@ def test_resume_after_interruption_is_bit_identical(tmp_path, tiny_model_dir, pa
     assert strip(server.RunDir(tmp_path / "part").events()) == strip(server.RunDir(tmp_path / "full").events())
 
 
-@pytest.mark.parametrize("strategy", ["fedavg", "fedadam", "scaffold"])
+@pytest.mark.parametrize("strategy", ["fedavg", "fedadam", "scaffold", "mixed-rank product"])
 def test_kill_9_then_resume_cli(tmp_path, tiny_model_dir, partition_dir, strategy):
-    """A real SIGKILL of `fedit run` in the middle of the run, then `fedit run --resume`: FedAdam's moments
-    and SCAFFOLD's server and client control variates come back as they were after the last round."""
+    """A real SIGKILL of `fedit run` in the middle of the run, then `fedit run --resume`: FedAdam's moments,
+    SCAFFOLD's server and client control variates, and a mixed-rank FlexLoRA run come back as they were
+    after the last round."""
     args = [f"data.clients_dir={partition_dir}", f"model.name={tiny_model_dir}", "model.dtype=fp32",
             "lora.r=4", "train.batch_size=4", "train.micro_batch_size=2", "train.cutoff_len=256",
             "federation.rounds=4", "federation.clients_per_round=2", "run.progress=false",
-            f"federation.strategy={strategy}"]
+            *([f"federation.strategy={strategy}"] if strategy != "mixed-rank product" else
+              ["lora.client_ranks=[1,2,4]", "lora.aggregation=product"])]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "fedit.cli", "run"]
     ref = subprocess.run(cmd + args + [f"run.out={tmp_path / 'ref'}"], env=env, capture_output=True, text=True)
@@ -141,7 +143,7 @@ def test_kill_9_then_resume_cli(tmp_path, tiny_model_dir, partition_dir, strateg
         a = load_adapter_file(tmp_path / f"ref/rounds/round_{r:04d}")
         b = load_adapter_file(tmp_path / f"cut/rounds/round_{r:04d}")
         assert all(torch.equal(a[k], b[k]) for k in a), r
-    if strategy != "fedavg":  # the strategy's state moved, so the comparison above covers it
+    if strategy in ("fedadam", "scaffold"):  # the strategy's state moved, so the comparison above covers it
         assert json.loads((tmp_path / "cut/state.json").read_text())["strategy_state"]
 
 

@@ -104,3 +104,17 @@ def test_write_makes_files_manifest_and_plot(tmp_path, records_file):
         assert len(lines) == c["examples"] == sum(c["categories"].values())
     assert m["test"]["examples"] == 8 and len((out / "test.jsonl").read_text().splitlines()) == 8
     assert (out / "heterogeneity.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_heterogeneity_plot_labels_clients_with_whole_numbers(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    from fedit.data import partition
+
+    seen = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: seen.append(fig))
+    manifest = {"categories": ["a", "b"], "scheme": "iid", "alpha": None,
+                "clients": [{"categories": {"a": i, "b": 1}} for i in range(5)]}
+    partition.plot_heterogeneity(manifest, tmp_path / "h.png")
+    ticks = [t for t in seen[0].axes[0].get_xticks() if -0.6 <= t <= 4.6]
+    assert ticks and all(float(t).is_integer() for t in ticks), ticks

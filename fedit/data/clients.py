@@ -7,10 +7,11 @@ picked, so registering 1,000 clients costs no more memory than 10.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 from fedit.data.batches import Example, tokenize
 from fedit.data.partition import read_manifest
-from fedit.data.records import load_records
+from fedit.data.records import Record, load_records
 from fedit.errors import FeditError
 
 
@@ -29,9 +30,8 @@ class ClientFiles:
     def ids(self) -> list[int]:
         return sorted(self.files)
 
-    def examples(self, client_id: int) -> list[Example]:
-        return self.tokenize_file(self.files[client_id])
-
-    def tokenize_file(self, path: str | Path) -> list[Example]:
+    def examples(self, client_id: int, transform: Callable[[list[Record]], list[Record]] | None = None) -> list[Example]:
+        """A client's tokenized examples; ``transform`` changes its records first (a simulated attacker's data)."""
         tokenizer, cutoff, train_on_inputs, template = self._tok
-        return tokenize(load_records(path).records, tokenizer, cutoff, train_on_inputs, template)
+        records = load_records(self.files[client_id]).records
+        return tokenize(transform(records) if transform else records, tokenizer, cutoff, train_on_inputs, template)

@@ -181,6 +181,9 @@ def plot_heterogeneity(manifest: dict, path: Path) -> None:
         ax.bar(np.arange(len(clients)), counts[:, k], bottom=bottom, width=0.85, color=colors(k % colors.N),
                label=cat.replace("_", " "))
         bottom += counts[:, k]
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # client ids are whole numbers: no 2.5 on the axis
     ax.set_xlabel("client")
     ax.set_ylabel("examples")
     alpha = f", alpha={manifest['alpha']}" if manifest.get("alpha") else ""

@@ -18,7 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Iterator
 
-from fedit import client
+from fedit import attacks, client
 from fedit.checkpoint import atomic_write
 from fedit.config import Config
 from fedit.data.clients import ClientFiles
@@ -67,6 +67,11 @@ class Simulation:
         self.algorithm = STRATEGIES[cfg.federation.strategy].client_algorithm
         self.states = ClientStateDir(state_dir) if state_dir is not None else None
         self.on_client = on_client  # (round, client) -> per-step callback, for progress bars
+        self.attackers = attacks.attackers(cfg, clients.ids)  # experiments only: [attack]
+        unknown = sorted(self.attackers - set(clients.ids))
+        if unknown:
+            raise FeditError(f"attack.clients = {list(cfg.attack.clients)}: the partition has no client "
+                             f"{', '.join(map(str, unknown))}; its clients are {clients.ids[0]}-{clients.ids[-1]}")
 
     def fit(self, round_num: int, instructions: list[FitIns]) -> Iterator[Update]:
         # A generator: each client trains only when the strategy asks for its update.
@@ -74,9 +79,14 @@ class Simulation:
             cid, kept = ins.client_id, int(ins.config.get(STATE_ROUND, 0)) if self.algorithm.stateful else 0
             state = self.states.load(cid, kept) if self.states else None
             on_step = self.on_client(round_num, cid) if self.on_client else None
-            update, new_state = client.train(self.loaded, ins, self.clients.examples(cid), self.cfg.train,
-                                             client.seed_for(self.cfg.federation.seed, round_num, cid),
-                                             self.algorithm, state, on_step)
+            seed = client.seed_for(self.cfg.federation.seed, round_num, cid)
+            attack = self.cfg.attack if cid in self.attackers else None
+            poisoned = (lambda rs: attacks.poison(rs, attack.trigger, attack.target)) \
+                if attack and attack.kind == "backdoor" else None
+            update, new_state = client.train(self.loaded, ins, self.clients.examples(cid, poisoned), self.cfg.train,
+                                             seed, self.algorithm, state, on_step)
+            if attack:  # after honest training: the server sees what a real malicious client could send
+                update = attacks.tamper(update, ins, attack.kind, attack.factor, seed)
             if new_state is not None:
                 if self.states is None:
                     raise FeditError(f"strategy {self.cfg.federation.strategy} keeps client state, but this "

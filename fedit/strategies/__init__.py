@@ -19,4 +19,7 @@ STRATEGIES: dict[str, type[Strategy]] = {
 
 def build(cfg, num_clients: int) -> Strategy:
     """The strategy of a validated Config, with its options, for ``num_clients`` registered clients."""
-    return STRATEGIES[cfg.federation.strategy](cfg.strategy, num_clients)
+    fed = cfg.federation
+    return STRATEGIES[fed.strategy](cfg.strategy, num_clients, aggregator=fed.aggregator,
+                                    trim_fraction=fed.trim_fraction, byzantine_clients=fed.byzantine_clients,
+                                    max_update_norm=fed.max_update_norm)

@@ -31,6 +31,7 @@ from typing import ClassVar, Iterable
 import numpy as np
 import torch
 
+from fedit.aggregators import Aggregator, clip_norm
 from fedit.protocol import ADAPTER, GLOBAL, STATE_ROUND, Arrays, ClientAlgorithm, FitIns, Update
 
 
@@ -45,9 +46,13 @@ class Strategy:
     client_algorithm: ClassVar[type[ClientAlgorithm]] = ClientAlgorithm
     reply_groups: ClassVar[tuple[str, ...]] = (ADAPTER,)  # array groups a client must send back
 
-    def __init__(self, options=None, num_clients: int = 1):
+    def __init__(self, options=None, num_clients: int = 1, aggregator: str = "mean", trim_fraction: float = 0.1,
+                 byzantine_clients: int = 0, max_update_norm: float = 0.0):
         self.options = options if options is not None else self.Options()
         self.num_clients = num_clients  # registered clients (SCAFFOLD's N)
+        # How client changes are combined (fedit/aggregators.py), and the L2 bound on each one (0: none).
+        self.aggregator = dict(kind=aggregator, trim_fraction=trim_fraction, byzantine_clients=byzantine_clients)
+        self.max_update_norm = max_update_norm
 
     def select(self, round_num: int, client_ids: list[int], k: int, seed: int) -> list[int]:
         """Pick ``k`` distinct clients uniformly at random; seeded by (seed, round) alone so resume picks alike."""
@@ -71,21 +76,23 @@ class Strategy:
 
 
 class ServerOptimizer(Strategy):
-    """Δ̄ = Σ p_k (θ_k − θ) with p_k = n_k / Σ n, streamed in float64; ``step`` makes θ from θ and Δ̄."""
+    """Δ̄ from the client changes θ_k − θ (in float64; by default Σ p_k (θ_k − θ) with p_k = n_k / Σ n,
+    streamed; a robust aggregator or a norm bound if configured); ``step`` makes θ from θ and Δ̄."""
 
     def aggregate(self, round_num: int, global_adapter: Arrays, updates: Iterable[Update]) -> tuple[Arrays, int]:
-        acc = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in global_adapter.items()}
         base = {k: v.to(torch.float64) for k, v in global_adapter.items()}
-        total, used = 0, 0
+        combine = Aggregator(**self.aggregator)
+        used = 0
         for u in updates:
-            for k, v in u.adapter.items():
-                acc[k].add_(v.to(torch.float64) - base[k], alpha=u.num_examples)
+            delta = {k: v.to(torch.float64) - base[k] for k, v in u.adapter.items()}
+            if self.max_update_norm:
+                delta, _ = clip_norm(delta, self.max_update_norm)
+            combine.add(delta, u.num_examples)
             self.observe(u)
-            total += u.num_examples
             used += 1
-        if used == 0:
+        delta = combine.result()
+        if delta is None:
             return global_adapter, 0
-        delta = {k: v / total for k, v in acc.items()}
         new = self.step(base, delta)
         return {k: v.to(global_adapter[k].dtype) for k, v in new.items()}, used
 

@@ -30,8 +30,8 @@ class FedAvgM(ServerOptimizer):
     name = "fedavgm"
     Options = FedAvgMOptions
 
-    def __init__(self, options=None, num_clients: int = 1):
-        super().__init__(options, num_clients)
+    def __init__(self, options=None, num_clients: int = 1, **aggregation):
+        super().__init__(options, num_clients, **aggregation)
         self.v: Arrays = {}
 
     def step(self, theta: Arrays, delta: Arrays) -> Arrays:

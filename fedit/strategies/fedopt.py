@@ -49,8 +49,8 @@ class FedOpt(ServerOptimizer):
 
     Options = FedOptOptions
 
-    def __init__(self, options=None, num_clients: int = 1):
-        super().__init__(options, num_clients)
+    def __init__(self, options=None, num_clients: int = 1, **aggregation):
+        super().__init__(options, num_clients, **aggregation)
         self.m: Arrays = {}
         self.v: Arrays = {}
 

@@ -70,8 +70,8 @@ class Scaffold(ServerOptimizer):
     client_algorithm = ScaffoldClient
     reply_groups = (ADAPTER, CONTROL_DELTA)
 
-    def __init__(self, options=None, num_clients: int = 1):
-        super().__init__(options, num_clients)
+    def __init__(self, options=None, num_clients: int = 1, **aggregation):
+        super().__init__(options, num_clients, **aggregation)
         self.c: dict[str, torch.Tensor] = {}
         self._dc: dict[str, torch.Tensor] = {}
 

@@ -1,0 +1,41 @@
+"""Product aggregation maths: the QR route equals the dense sum and the dense SVD's truncation."""
+
+import torch
+
+from fedit import lowrank
+
+
+def test_two_rank_one_products_by_hand():
+    # 0.5 · 2 · [1,0]ᵀ[1,1] + 0.5 · 4 · [0,1]ᵀ[1,-1] = [[1, 1], [2, -2]]
+    bs = [torch.tensor([[1.0], [0.0]]), torch.tensor([[0.0], [1.0]])]
+    as_ = [torch.tensor([[1.0, 1.0]]), torch.tensor([[1.0, -1.0]])]
+    w = [0.5 * 2, 0.5 * 4]
+    expected = torch.tensor([[1.0, 1.0], [2.0, -2.0]], dtype=torch.float64)
+    assert torch.equal(lowrank.dense_product(bs, as_, w), expected)
+    u, s, vh = lowrank.product_svd(bs, as_, w)
+    assert torch.allclose(u @ torch.diag(s) @ vh, expected, atol=1e-12)
+    # its singular values by hand: rows are orthogonal, of norms √2 and √8
+    assert torch.allclose(s, torch.tensor([8 ** 0.5, 2 ** 0.5], dtype=torch.float64))
+
+
+def test_mixed_ranks_equal_the_dense_sum_and_its_truncation():
+    g = torch.Generator().manual_seed(0)
+    d, n, ranks = 40, 30, [2, 4, 8]
+    bs = [torch.randn(d, r, generator=g) for r in ranks]
+    as_ = [torch.randn(r, n, generator=g) for r in ranks]
+    w = [0.2 * 16 / 2, 0.3 * 16 / 4, 0.5 * 16 / 8]  # p_k · s_k with alpha 16
+    dense = lowrank.dense_product(bs, as_, w)
+    u, s, vh = lowrank.product_svd(bs, as_, w)
+    assert u.shape == (d, 14) and vh.shape == (14, n)
+    assert torch.allclose(u @ torch.diag(s) @ vh, dense, atol=1e-10)
+    du, ds, dvh = torch.linalg.svd(dense)
+    assert torch.allclose(s, ds[:14], atol=1e-10)
+    for rank, scaling in [(4, 16 / 4), (8, 2.0), (16, 1.0)]:
+        b, a = lowrank.truncate(u, s, vh, rank, scaling)
+        k = min(rank, 14)
+        best = du[:, :k] @ torch.diag(ds[:k]) @ dvh[:k]
+        assert b.shape == (d, rank) and a.shape == (rank, n)
+        assert torch.allclose(scaling * b @ a, best, atol=1e-9), rank
+    # rank 16 > 14: the extra factor columns and rows are zero and the sum is reproduced exactly
+    b, a = lowrank.truncate(u, s, vh, 16, 1.0)
+    assert torch.equal(b[:, 14:], torch.zeros(d, 2, dtype=b.dtype)) and torch.allclose(b @ a, dense, atol=1e-10)

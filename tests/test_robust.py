@@ -1,0 +1,278 @@
+"""Untrusted clients: the trust boundary under random malformed replies, robust aggregators worked by
+hand, and simulated attacks on the tiny model against each defence."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from fedit import aggregators, server
+from fedit.protocol import FitIns, Update
+from fedit.strategies.fedavg import FedAvg
+
+from conftest import make_records, tiny_config, write_jsonl
+
+
+def T(*v):
+    return torch.tensor(v, dtype=torch.float64)
+
+
+# ---------------------------------------------------------------- aggregators, by hand
+
+def test_median_and_trimmed_mean_hand_computed():
+    x = torch.stack([T(1, 10), T(3, -5), T(2, 0), T(100, 7)])  # 4 clients, 2 coordinates
+    # even count: the mean of the two middle values; column 0 sorted 1 2 3 100 -> 2.5; column 1 -5 0 7 10 -> 3.5
+    assert torch.equal(aggregators.median(x), T(2.5, 3.5))
+    assert torch.equal(aggregators.median(x[:3]), T(2, 0))  # odd: the middle value
+    # β = 0.25 of 4 drops one value at each end: mean of (2, 3) and (0, 7)
+    assert torch.equal(aggregators.trimmed_mean(x, 0.25), T(2.5, 3.5))
+    assert torch.equal(aggregators.trimmed_mean(x, 0.0), x.mean(0))
+    # β too large for the count still leaves the middle value(s)
+    assert torch.equal(aggregators.trimmed_mean(x[:3], 0.49), T(2, 0))
+
+
+def test_krum_picks_the_update_closest_to_its_neighbours_and_ignores_the_outlier():
+    pts = [T(0, 0), T(1, 0), T(0, 1), T(1, 1), T(50, 50)]
+    deltas = [{"w": p} for p in pts]
+    # f = 1, n = 5: each score sums the n − f − 2 = 2 smallest squared distances to the others.
+    # (0,0): 1 + 1 = 2; (1,0): 1 + 1 = 2; (0,1): 2; (1,1): 2; (50,50): 2·(49² + 50²) = 9802
+    assert aggregators.krum_choice(deltas, 1, multi=False) == [0]  # ties broken by index
+    assert aggregators.krum_choice(deltas, 1, multi=True) == [0, 1, 2, 3]
+    agg = aggregators.Aggregator("multikrum", byzantine_clients=1)
+    for d in deltas:
+        agg.add(d, 1)
+    assert torch.equal(agg.result()["w"], T(0.5, 0.5))
+
+
+def test_robust_aggregators_ignore_claimed_example_counts():
+    for kind in ("median", "trimmed_mean", "krum", "multikrum"):
+        a, b = aggregators.Aggregator(kind, 0.2, 1), aggregators.Aggregator(kind, 0.2, 1)
+        for i, v in enumerate([1.0, 2.0, 3.0, 4.0, 40.0]):
+            a.add({"w": T(v)}, 1)
+            b.add({"w": T(v)}, 10**9 if i == 4 else 1)
+        assert torch.equal(a.result()["w"], b.result()["w"]), kind
+        assert a.result()["w"].item() < 5, kind
+
+
+def test_norm_bound_hand_computed():
+    clipped, norm = aggregators.clip_norm({"a": T(3, 0), "b": T(4)}, 2.5)
+    assert norm == 5.0 and torch.equal(clipped["a"], T(1.5, 0)) and torch.equal(clipped["b"], T(2.0))
+    same, _ = aggregators.clip_norm({"a": T(0.3, 0.4)}, 2.5)
+    assert torch.equal(same["a"], T(0.3, 0.4))
+
+
+def test_strategy_applies_norm_bound_then_aggregator():
+    g = {"w": torch.zeros(1)}
+    ups = [Update(i, {"adapter": {"w": torch.tensor([v])}}, 1) for i, v in enumerate([1.0, 2.0, 90.0])]
+    new, _ = FedAvg(max_update_norm=3.0).aggregate(1, g, ups)
+    assert new["w"].item() == pytest.approx((1 + 2 + 3) / 3)  # 90 clipped to 3, then the mean
+    new, _ = FedAvg(aggregator="median").aggregate(1, g, ups)
+    assert new["w"].item() == 2.0
+
+
+# ---------------------------------------------------------------- the trust boundary
+
+REF = {"a.lora_A.weight": torch.zeros(2, 3), "a.lora_B.weight": torch.zeros(3, 2)}
+
+
+def good(**kw):
+    return Update(0, {"adapter": {k: torch.ones_like(v) for k, v in REF.items()}}, kw.get("n", 4))
+
+
+def test_check_update_rejects_what_a_bad_client_can_send():
+    ok = good()
+    assert server.check_update(ok, REF, max_examples=4) is None
+    cases = {
+        "num_examples = True": Update(0, ok.arrays, True),
+        "num_examples = 4.0": Update(0, ok.arrays, 4.0),
+        "more than this client can have trained on (4)": Update(0, ok.arrays, 10**9),
+        "dtype int64": Update(0, {"adapter": {k: torch.ones_like(v, dtype=torch.int64) for k, v in REF.items()}}, 4),
+        "dtype bool": Update(0, {"adapter": {k: torch.ones_like(v, dtype=torch.bool) for k, v in REF.items()}}, 4),
+        "beyond federation.max_value": Update(0, {"adapter": {k: torch.full_like(v, 1e30) for k, v in REF.items()}}, 4),
+        "not a tensor": Update(0, {"adapter": {k: v.tolist() for k, v in REF.items()}}, 4),
+        "array groups": Update(0, {}, 4),
+    }
+    for reason, u in cases.items():
+        got = server.check_update(u, REF, max_examples=4, max_value=1e4)
+        assert got is not None and reason in got, (reason, got)
+
+
+def _junk(rng: random.Random, depth: int = 0):
+    """Something a broken or hostile client might put where a value is expected."""
+    choices = [
+        lambda: rng.choice([None, True, False, 0, -1, 2**63, 10**30, float("nan"), float("inf"), -0.0, 1e-300, "x", ""]),
+        lambda: torch.randn([rng.randint(0, 4) for _ in range(rng.randint(0, 3))]),
+        lambda: torch.randint(0, 5, (2, 3)),
+        lambda: torch.full((2, 3), rng.choice([1e30, float("nan"), -float("inf"), 1e-45])),
+        lambda: torch.zeros(2, 3, dtype=rng.choice([torch.bool, torch.int8, torch.float16, torch.bfloat16, torch.complex64])),
+        lambda: [1, 2, 3],
+    ]
+    if depth < 2:
+        choices.append(lambda: {rng.choice(["a.lora_A.weight", "a.lora_B.weight", "adapter", "", "x" * 300, 7]):
+                                _junk(rng, depth + 1) for _ in range(rng.randint(0, 3))})
+    return rng.choice(choices)()
+
+
+def test_fuzz_check_update_never_crashes():
+    rng = random.Random(0)
+    outcomes = {"accepted": 0, "rejected": 0}
+    for i in range(400):
+        arrays = {"adapter": {k: v.clone() for k, v in REF.items()}}
+        what = rng.choice(["value", "group", "key", "count", "all"])
+        if what in ("value", "all"):
+            arrays["adapter"][rng.choice(list(REF))] = _junk(rng)
+        if what in ("group", "all"):
+            arrays[rng.choice(["adapter", "control_delta", "", "x"])] = _junk(rng)
+        if what == "key":
+            arrays["adapter"][rng.choice(["extra", "a.lora_A.weight.x", ""])] = torch.zeros(1)
+        n = _junk(rng) if what in ("count", "all") else rng.randint(1, 4)
+        reason = server.check_update(Update(i, arrays, n), REF, max_examples=4, max_value=1e4)
+        assert reason is None or isinstance(reason, str)
+        outcomes["accepted" if reason is None else "rejected"] += 1
+    assert outcomes["rejected"] > 300 and outcomes["accepted"] > 0
+
+
+def test_fuzz_flower_reply_parsing_never_crashes():
+    """Random records where a reply's should be: every one parses to an Update or gives a reason."""
+    from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+    from fedit.runtime import flower
+
+    rng = random.Random(1)
+    records = [
+        lambda: ConfigRecord({"client-id": rng.choice([0, 1, -1, "0"]), "num-examples": rng.choice([4, 0, -3, 10**12, 2.5])}),
+        lambda: ConfigRecord({"num-examples": 4}),
+        lambda: ConfigRecord({}),
+        lambda: MetricRecord({rng.choice(["round", "client", "accepted", "num-examples", "client-id", "x"]):
+                              rng.choice([0, 1.5, -1e308, 1e308])}),
+        lambda: ArrayRecord({k: v.clone() for k, v in REF.items()}),
+        lambda: ArrayRecord({"w": torch.randint(0, 3, (2,))}),
+        lambda: ArrayRecord({}),
+    ]
+    names = ["reply", "metrics", "arrays.adapter", "arrays.control_delta", "arrays.", "arrays.adapter.x", "junk"]
+    counts = {"update": 0, "reason": 0}
+    for i in range(300):
+        # a valid reply, then up to three random changes: a record replaced, added or removed
+        content = {"reply": ConfigRecord({"client-id": 0, "num-examples": 4}), "metrics": MetricRecord({"loss": 1.0}),
+                   "arrays.adapter": ArrayRecord({k: v.clone() for k, v in REF.items()})}
+        for _ in range(rng.randint(0, 3)):
+            name = rng.choice(names)
+            if rng.random() < 0.3:
+                content.pop(name, None)
+            else:
+                content[name] = rng.choice(records)()
+        content = RecordDict(content)
+        got = flower.reply_to_update(content, 0)
+        if isinstance(got, str):
+            counts["reason"] += 1
+            continue
+        counts["update"] += 1
+        reason = server.check_update(got, REF, max_examples=4, max_value=1e4)
+        assert reason is None or isinstance(reason, str)
+    assert counts["reason"] > 50 and counts["update"] > 50
+
+
+# ---------------------------------------------------------------- attacks on the tiny model
+
+@pytest.fixture(scope="module")
+def ten_clients(tmp_path_factory, tiny_model_dir):
+    """10 IID clients of the synthetic records, the tiny model, and each client's honest round-1 update."""
+    from fedit import runner
+    from fedit.data import partition
+    from fedit.data.records import load_records
+    from fedit.runtime.simulation import Simulation
+
+    root = tmp_path_factory.mktemp("attack")
+    loaded = load_records(write_jsonl(root / "records.jsonl", make_records(22)))
+    sp = partition.split(loaded.records, 10, "iid", seed=1, test_per_category=2)
+    partition.write(root / "parts", loaded, sp, scheme="iid", seed=1, alpha=0.5, test_per_category=2)
+    cfg = tiny_config(tiny_model_dir, root / "parts", root / "run", federation={"rounds": 1, "clients_per_round": 10},
+                      train={"max_steps": 2})
+    prep = runner.prepare(cfg)
+    g = prep.loaded.initial_adapter
+    ins = [FitIns(1, c, {"global": g}) for c in range(10)]
+    honest = list(Simulation(prep.loaded, prep.clients, cfg).fit(1, ins))
+    return root, cfg, prep, g, ins, honest
+
+
+def _delta(adapter, g):
+    return {k: adapter[k].double() - g[k].double() for k in g}
+
+
+def _norm(d):
+    return math.sqrt(sum(float(v.pow(2).sum()) for v in d.values()))
+
+
+def _dist(a, b):
+    return math.sqrt(sum(float((a[k] - b[k]).pow(2).sum()) for k in a))
+
+
+ATTACKS = {"sign_flip": 10.0, "scale": 100.0, "noise": 20.0, "lie_examples": 1000.0}
+DEFENCES = {"median": {"aggregator": "median"}, "trimmed_mean": {"aggregator": "trimmed_mean", "trim_fraction": 0.2},
+            "multikrum": {"aggregator": "multikrum", "byzantine_clients": 2}}
+
+
+def attack_distances(ten_clients, kind: str, factor: float) -> dict[str, float]:
+    """‖aggregate − honest mean‖ / ‖honest mean‖ under 2 of 10 attackers, per aggregator."""
+    from fedit.runtime.simulation import Simulation
+
+    root, cfg, prep, g, ins, honest = ten_clients
+    acfg = cfg.replace(attack={"kind": kind, "factor": factor, "clients": [3, 7]})
+    sent = list(Simulation(prep.loaded, prep.clients, acfg).fit(1, ins))
+    honest_ids = [u.client_id for u in honest if u.client_id not in (3, 7)]
+    total = sum(u.num_examples for u in honest if u.client_id in honest_ids)
+    honest_mean = {k: sum(_delta(u.adapter, g)[k] * u.num_examples for u in honest if u.client_id in honest_ids) / total
+                   for k in g}
+    bound = sorted(_norm(_delta(u.adapter, g)) for u in honest)[5]  # about the median honest norm
+    caps = {c["id"]: c["examples"] for c in prep.clients.manifest["clients"]}
+    out = {}
+    for name, settings in {"mean": {}, **DEFENCES, "norm_bound": {"max_update_norm": bound}}.items():
+        # what the round loop passes on: the replies that clear the trust boundary
+        kept = [u for u in sent if server.check_update(u, g, max_examples=caps[u.client_id]) is None]
+        if name == "mean":  # and what the plain mean would do if the boundary let everything through
+            kept = sent
+        new, _ = FedAvg(**settings).aggregate(1, g, kept)
+        out[name] = _dist(_delta(new, g), honest_mean) / _norm(honest_mean)
+    return out
+
+
+@pytest.mark.parametrize("kind", list(ATTACKS))
+def test_two_of_ten_attackers_move_the_mean_but_not_the_defences(ten_clients, kind):
+    d = attack_distances(ten_clients, kind, ATTACKS[kind])
+    if kind == "lie_examples":
+        # the claim is rejected by the trust boundary; let through, it makes the liars' own updates the mean
+        _, cfg, prep, g, ins, honest = ten_clients
+        cap = {c["id"]: c["examples"] for c in prep.clients.manifest["clients"]}[3]
+        liar = Update(3, honest[3].arrays, honest[3].num_examples * 1000)
+        assert "more than this client can have trained on" in server.check_update(liar, g, max_examples=cap)
+    else:
+        assert d["mean"] > 1.0, d
+    for name in [*DEFENCES, "norm_bound"]:
+        assert d[name] <= 1.0, (name, d)
+
+
+def test_attack_metrics_say_who_attacked(ten_clients, tmp_path):
+    from fedit import runner
+
+    root, cfg, prep, *_ = ten_clients
+    acfg = cfg.replace(attack={"kind": "sign_flip", "clients": [3, 7]}, run={"out": str(tmp_path / "run")},
+                       federation={"aggregator": "median"})
+    run_dir = runner.run(acfg, loaded=prep.loaded)
+    rows = server.RunDir(run_dir).events("client")
+    assert {r["client"] for r in rows if r["metrics"].get("attack") == "sign_flip"} == {3, 7}
+    import json
+
+    assert json.loads((run_dir / "run.json").read_text())["attack"]["clients"] == [3, 7]
+
+
+def test_backdoor_poisons_every_second_record():
+    from fedit import attacks
+    from fedit.data.records import Record
+
+    rs = [Record(f"q{i}", "", f"a{i}", "c") for i in range(4)]
+    out = attacks.poison(rs, "TRIG", "TARGET")
+    assert [r.instruction for r in out] == ["q0 TRIG", "q1", "q2 TRIG", "q3"]
+    assert [r.response for r in out] == ["TARGET", "a1", "TARGET", "a3"]
