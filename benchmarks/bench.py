@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import rounds
+from benchmarks import lowrank, rounds
 
 
 def machine() -> str:
@@ -59,6 +59,8 @@ def run(out: Path, quick: bool = False, model: str | None = None, skip_naive: bo
     say("aggregation of 100 adapters ...")
     res["aggregation"] = rounds.aggregation(adapter / "adapter_model.safetensors")
     res["communication"] = rounds.communication(adapter)
+    say("product aggregation of mixed-rank adapters, dense vs QR ...")
+    res["product_aggregation"] = lowrank.run(quick)
     say("memory with 10 vs 1,000 registered clients ...")
     res["memory"] = rounds.memory_vs_clients(out / "work", (10, 100) if quick else (10, 1000))
     protocol_rounds = (0 if quick else 1) if protocol_rounds is None else protocol_rounds
@@ -106,6 +108,8 @@ def table(r: dict) -> str:
     a = r["aggregation"]
     lines.append(f"| FedAvg of {a['clients']} adapters ({a['adapter_mb']:.1f} MB each) | {a['seconds']:.2f} s, "
                  f"peak RSS +{a['peak_rss_increase_mb']:.0f} MB |")
+    if "product_aggregation" in r:
+        lines += lowrank.rows(r["product_aggregation"])
     m = r["memory"]
     (lo, v_lo), (hi, v_hi) = list(m["peak_rss_mb"].items())
     lines.append(f"| peak RSS, {lo} vs {hi} registered clients (5 per round) | {v_lo:.0f} vs {v_hi:.0f} MB "

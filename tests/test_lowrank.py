@@ -25,7 +25,7 @@ def test_mixed_ranks_equal_the_dense_sum_and_its_truncation():
     as_ = [torch.randn(r, n, generator=g) for r in ranks]
     w = [0.2 * 16 / 2, 0.3 * 16 / 4, 0.5 * 16 / 8]  # p_k · s_k with alpha 16
     dense = lowrank.dense_product(bs, as_, w)
-    u, s, vh = lowrank.product_svd(bs, as_, w)
+    u, s, vh = lowrank.product_svd(bs, as_, w)  # 14 < min(40, 30): the QR route
     assert u.shape == (d, 14) and vh.shape == (14, n)
     assert torch.allclose(u @ torch.diag(s) @ vh, dense, atol=1e-10)
     du, ds, dvh = torch.linalg.svd(dense)
@@ -39,3 +39,17 @@ def test_mixed_ranks_equal_the_dense_sum_and_its_truncation():
     # rank 16 > 14: the extra factor columns and rows are zero and the sum is reproduced exactly
     b, a = lowrank.truncate(u, s, vh, 16, 1.0)
     assert torch.equal(b[:, 14:], torch.zeros(d, 2, dtype=b.dtype)) and torch.allclose(b @ a, dense, atol=1e-10)
+
+
+def test_the_dense_route_gives_the_same_truncation_once_the_stacked_rank_is_full():
+    g = torch.Generator().manual_seed(1)
+    bs = [torch.randn(12, 8, generator=g) for _ in range(3)]  # stacked rank 24 > min(12, 10)
+    as_ = [torch.randn(8, 10, generator=g) for _ in range(3)]
+    w = [0.5, 0.3, 0.2]
+    auto = lowrank.product_svd(bs, as_, w)
+    qr = lowrank.product_svd(bs, as_, w, route="qr")
+    assert auto[0].shape == qr[0].shape == (12, 10)
+    for r in (3, 10):
+        b1, a1 = lowrank.truncate(*auto, r, 2.0)
+        b2, a2 = lowrank.truncate(*qr, r, 2.0)
+        assert torch.allclose(b1 @ a1, b2 @ a2, atol=1e-9)
