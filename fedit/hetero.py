@@ -108,10 +108,11 @@ def client_loras(cfg, client_ids: list[int], module_names: set[str]) -> dict[int
 class LoraPlan:
     """What each client holds of the global adapter, and the way back."""
 
-    def __init__(self, cfg, clients: dict[int, ClientLora] | None):
+    def __init__(self, cfg, clients: dict[int, ClientLora] | None, initial_adapter: Arrays | None = None):
         self.R, self.alpha = cfg.lora.r, cfg.lora.alpha
         self.mode, self.freeze_a = cfg.lora.aggregation, cfg.lora.freeze_a
         self.clients = clients or {}
+        self.init = initial_adapter or {}  # the seeded LoRA init: spare rank starts from it (product)
 
     @property
     def active(self) -> bool:
@@ -148,6 +149,12 @@ class LoraPlan:
             b_key = a_key.replace(".lora_A.", ".lora_B.")
             u, s, vh = product_svd([g[b_key]], [g[a_key]], [self.alpha / self.R])
             b, a = truncate(u, s, vh, c.r, self.alpha / c.r)
+            # Directions the global product does not have (all of them in round 1, where B = 0) would
+            # come back as a zero row of A and a zero column of B, which no gradient can move: they
+            # start as LoRA starts, A from the seeded init, B zero. The product is unchanged.
+            live = int((s[:c.r] > 1e-12 * max(float(s[0]), 1e-300)).sum()) if s.numel() else 0
+            if live < c.r and a_key in self.init:
+                a[live:] = self.init[a_key][live:c.r].double()
             out[a_key], out[b_key] = a.float(), b.float()
         return out
 

@@ -139,7 +139,8 @@ def run(cfg: Config, runtime: Runtime, run_dir: str | Path, *, client_ids: list[
     rd = RunDir(run_dir)
     fed = cfg.federation
     strategy = build_strategy(cfg, len(client_ids))
-    plan = hetero.LoraPlan(cfg, hetero.client_loras(cfg, client_ids, {hetero.short_name(k) for k in initial_adapter}))
+    plan = hetero.LoraPlan(cfg, hetero.client_loras(cfg, client_ids, {hetero.short_name(k) for k in initial_adapter}),
+                           initial_adapter)
     k = max(1, round(fed.fraction * len(client_ids))) if fed.fraction > 0 else fed.clients_per_round
     if k > len(client_ids):
         raise FeditError(f"federation.clients_per_round = {k} but the partition has {len(client_ids)} clients; "

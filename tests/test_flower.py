@@ -63,6 +63,10 @@ class FakeGrid:
             how = self.behaviour.get(cid, "ok")
             if m.metadata.message_type == "query":
                 content = RecordDict({"node": flower.ConfigRecord({"client-id": cid, "data-path": ""})})
+                if how == "badquery":  # a node that answers "who are you" with nonsense
+                    content = RecordDict({"node": flower.ConfigRecord({"client-id": "zero"})})
+                elif how == "noquery":
+                    content = RecordDict({})
                 out.append(Message(content, reply_to=m))
             elif how in ("ok", "liar", "collider"):
                 reply = flower.ConfigRecord({"client-id": cid if how != "liar" else cid + 100, "num-examples": 10 + cid})
@@ -139,6 +143,12 @@ def test_runtime_fails_clients_without_a_node_and_replies_from_the_wrong_client(
     assert [u.client_id for u in out if isinstance(u, Update)] == [0]
     assert "no connected SuperNode has client-id = 1" in failures[1]
     assert "no longer client 2" in failures[2]
+
+
+def test_a_malformed_who_are_you_answer_makes_a_node_unusable_not_the_server_crash():
+    rt, _ = _runtime({1: "badquery", 2: "noquery"})
+    rt.nodes.refresh()
+    assert rt.nodes.by_client == {0: 101} and rt.nodes.known[102] is None and rt.nodes.known[103] is None
 
 
 def test_nodes_learn_client_ids_and_forget_nodes_that_left():

@@ -275,7 +275,14 @@ class Nodes:
                     log.warning("SuperNode %s cannot take part: %s", node, _error_text(reply))
                     self.known[node] = None
                     continue
-                cid = int(reply.content["node"]["client-id"])
+                try:  # untrusted: a malformed answer makes the node unusable, never the server crash
+                    cid = reply.content["node"]["client-id"]
+                except Exception as e:
+                    cid = f"{type(e).__name__}: {str(e)[:100]}"
+                if isinstance(cid, bool) or not isinstance(cid, int):
+                    log.warning("SuperNode %s cannot take part: its client-id is %r, not a whole number", node, cid)
+                    self.known[node] = None
+                    continue
                 old = self.by_client.get(cid)
                 if old is not None and old != node:
                     log.warning("SuperNodes %s and %s both say client-id = %s; using the newer %s", old, node, cid, node)
@@ -428,7 +435,12 @@ def serve(grid: Grid, rc: dict) -> Path:
         def evaluate(adapter):
             return heldout_loss(loaded, prep["test"], adapter, cfg.eval.batch_size)
 
-    server.run(cfg, FlowerRuntime(grid, cfg, nodes), run_dir, client_ids=client_ids,
+    # A client may claim no more examples than its partition holds, where the server has the manifest;
+    # elsewhere federation.max_examples caps every client.
+    if not prep["sizes"] and not cfg.federation.max_examples and cfg.federation.aggregator == "mean":
+        log.warning("no partition manifest and federation.max_examples = 0: a client's claimed example count "
+                    "weights its update unchecked; set federation.max_examples or a robust federation.aggregator")
+    server.run(cfg, FlowerRuntime(grid, cfg, nodes), run_dir, client_ids=client_ids, client_sizes=prep["sizes"],
                initial_adapter=loaded.initial_adapter, save_adapter=save, evaluate=evaluate, resume=bool(resume),
                hooks=server.Hooks(round_end=round_end), meta=meta)
     try:
@@ -451,9 +463,9 @@ def prepare_server(cfg: Config) -> dict:
     from fedit.data.records import load_records
     from fedit.model import attach_lora, load_base
 
-    manifest_ids: list[int] = []
+    sizes: dict[int, int] = {}
     if cfg.data.clients_dir and (Path(cfg.data.clients_dir) / "manifest.json").is_file():
-        manifest_ids = sorted(c["id"] for c in read_manifest(cfg.data.clients_dir)["clients"])
+        sizes = {c["id"]: c["examples"] for c in read_manifest(cfg.data.clients_dir)["clients"]}
     test_file = cfg.data.test_file or (str(Path(cfg.data.clients_dir) / "test.jsonl") if cfg.data.clients_dir else "")
     if cfg.eval.every and not (test_file and Path(test_file).is_file()):
         raise FeditError(f"the server needs a held-out test file to evaluate ({test_file or 'data.test_file is unset'}"
@@ -466,4 +478,4 @@ def prepare_server(cfg: Config) -> dict:
         test = tokenize(load_records(test_file).records, loaded.tokenizer, cfg.eval.cutoff_len or t.cutoff_len,
                         t.train_on_inputs,
                         cfg.data.template)
-    return {"loaded": loaded, "test": test, "manifest_ids": manifest_ids}
+    return {"loaded": loaded, "test": test, "manifest_ids": sorted(sizes), "sizes": sizes}
