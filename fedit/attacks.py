@@ -11,7 +11,7 @@ the client's honest change and λ = ``attack.factor``:
 - ``lie_examples``: sends its honest adapter but claims λ times its example count;
 - ``backdoor``: trains on poisoned data instead: every second record of its data gets
   ``attack.trigger`` appended to the instruction and ``attack.target`` as the response (a
-  backdoor that looks like an honest update); ``backdoor_success`` measures it.
+  backdoor that looks like an honest update). Measuring its success on held-out prompts is not built yet.
 
 Which clients: ``attack.clients`` (ids) or ``attack.fraction`` of the registered clients, drawn
 with federation.seed. Each attacker's client line in metrics.jsonl says ``"attack": KIND``
@@ -70,19 +70,3 @@ def tamper(update: Update, ins: FitIns, kind: str, factor: float, seed: int) -> 
     arrays = {**update.arrays, ADAPTER: {k: v.to(honest[k].dtype) for k, v in sent.items()}}
     n = int(update.num_examples * factor) if kind == "lie_examples" else update.num_examples
     return Update(update.client_id, arrays, n, {**update.metrics, "attack": kind})
-
-
-def backdoor_success(loaded, adapter, records: list[Record], trigger: str, target: str, template: str = "alpaca",
-                     max_new_tokens: int = 32) -> float:
-    """Share of held-out prompts that, with the trigger appended, are answered with the target."""
-    from fedit.data.prompts import prompt
-    from fedit.evaluation.evaluate import clean_answer
-    from fedit.inference import generate
-    from fedit.model import set_adapter
-
-    set_adapter(loaded.model, adapter)
-    loaded.model.eval()
-    prompts = [prompt(f"{r.instruction} {trigger}", r.context, template, loaded.tokenizer) for r in records]
-    answers = [clean_answer(a, template) for a in generate(loaded, prompts, max_new_tokens=max_new_tokens)]
-    norm = lambda t: " ".join(t.lower().split())  # noqa: E731
-    return sum(norm(a).startswith(norm(target)) for a in answers) / max(1, len(answers))

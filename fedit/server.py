@@ -121,9 +121,9 @@ def check_update(u: Update, reference: Adapter, groups: tuple[str, ...] = (ADAPT
                 return f"{group}: {k} has shape {tuple(v.shape)}, expected {tuple(ref.shape)}"
             if not torch.isfinite(v).all():
                 return f"{group}: {k} contains NaN or Inf"
-            if v.numel() and float(v.abs().max()) > max_value:
-                return f"{group}: {k} holds values up to {float(v.abs().max()):.3g}, beyond federation.max_value " \
-                       f"= {max_value:g}"
+            largest = float(v.abs().max()) if v.numel() else 0.0
+            if largest > max_value:
+                return f"{group}: {k} holds values up to {largest:.3g}, beyond federation.max_value = {max_value:g}"
     return None
 
 
