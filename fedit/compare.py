@@ -15,7 +15,6 @@ A rerun with the same --out reuses finished runs and resumes unfinished ones (as
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from fedit.errors import FeditError
-from fedit.fields import check_value, describe as describe_fields, fill, option
+from fedit.fields import describe as describe_fields, fill, option
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 

@@ -8,7 +8,6 @@ prepares without client files: they live on the client machines.
 
 from __future__ import annotations
 
-import json
 import platform
 import time
 from contextlib import contextmanager

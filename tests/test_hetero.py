@@ -88,7 +88,7 @@ def test_equal_ranks_are_the_papers_fedavg_bit_for_bit(tmp_path, tiny_model_dir,
 
 
 def test_mixed_ranks_train_only_their_slices_and_report_bytes(tmp_path, tiny_model_dir, partition_dir):
-    rounds = _run(tmp_path, tiny_model_dir, partition_dir, "mixed", client_ranks=[1, 2, 4])
+    _run(tmp_path, tiny_model_dir, partition_dir, "mixed", client_ranks=[1, 2, 4])
     rows = server.RunDir(tmp_path / "mixed").events("client")
     assert {r["client"]: r["rank"] for r in rows} == {0: 1, 1: 2, 2: 4}
     by_rank = {r["rank"]: r for r in rows}
