@@ -149,6 +149,11 @@ class AttackConfig:
 class RunConfig:
     out: str = _f("runs/fedit", "Run directory: metrics, per-round adapters, resume state, plots.")
     progress: bool = _f(True, "Show progress bars.")
+    report_to: tuple[str, ...] = _f(("tensorboard",), "Where each round's figures go besides metrics.jsonl: "
+                                    "'tensorboard' (event files in <run.out>/tensorboard), 'wandb' (Weights & "
+                                    "Biases; pip install 'fedit[wandb]'; WANDB_MODE=offline needs no network); "
+                                    "[] for neither.", choices=("tensorboard", "wandb"), empty=True)
+    wandb_project: str = _f("fedit", "Weights & Biases project of the run (run.report_to = [\"wandb\"]).")
 
 
 @dataclass(frozen=True)

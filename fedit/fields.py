@@ -12,7 +12,8 @@ from typing import Any
 
 
 def option(default: Any, help: str, **kw: Any) -> Any:
-    """A field with its help text and bounds (min, max, exclusive_min, exclusive_max, choices)."""
+    """A field with its help text and bounds (min, max, exclusive_min, exclusive_max, choices; for a list
+    of names, choices applies to each name and empty=True allows an empty list)."""
     return dataclasses.field(default=default, metadata={"help": help, **kw})
 
 
@@ -41,9 +42,16 @@ def check_value(where: str, fld: dataclasses.Field, value: Any) -> tuple[Any, st
     elif isinstance(default, tuple):
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, (list, tuple)) or not value or not all(isinstance(v, str) for v in value):
-            return value, f"{where} = {value!r}: expected a non-empty list of names"
+        empty_ok = meta.get("empty", False)
+        if not isinstance(value, (list, tuple)) or not (value or empty_ok) or not all(isinstance(v, str)
+                                                                                      for v in value):
+            return value, f"{where} = {value!r}: expected a {'' if empty_ok else 'non-empty '}list of names"
         value = tuple(value)
+        bad = [v for v in value if "choices" in meta and v not in meta["choices"]]
+        if bad:
+            return value, f"{where} = {list(value)!r}: {', '.join(map(repr, bad))} unknown; choose from " \
+                          f"{', '.join(meta['choices'])}"
+        return value, None
     elif isinstance(default, str):
         if not isinstance(value, str):
             return value, f"{where} = {value!r}: expected a string"

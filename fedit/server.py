@@ -28,7 +28,7 @@ from typing import Callable, Iterable, Iterator, Protocol
 import torch
 
 from fedit import config as config_mod
-from fedit import hetero
+from fedit import hetero, reporting
 from fedit.checkpoint import atomic_write, atomic_write_json
 from fedit.config import Config
 from fedit.errors import FeditError
@@ -169,70 +169,78 @@ def run(cfg: Config, runtime: Runtime, run_dir: str | Path, *, client_ids: list[
         atomic_write(rd.path / "config.toml", config_mod.to_toml(cfg))
         atomic_write_json(rd.path / "run.json", {**(meta or {}), "clients": len(client_ids), "clients_per_round": k})
         start, global_adapter, client_rounds = 1, initial_adapter, {}
-        row = {"event": "round", "round": 0, "clients": [], "accepted": 0}
-        if evaluate and cfg.eval.every:
-            row["eval"] = evaluate(global_adapter)  # the untuned base model: the line to beat
-        _finish_round(rd, 0, global_adapter, row, save_adapter, strategy, client_rounds)
-        hooks.round_end(row)
+    report = reporting.open_reporters(cfg.run.report_to, rd.path, cfg.run.wandb_project, cfg.to_dict())
+    with report:
+        if not state:
+            row = {"event": "round", "round": 0, "clients": [], "accepted": 0}
+            if evaluate and cfg.eval.every:
+                row["eval"] = evaluate(global_adapter)  # the untuned base model: the line to beat
+            _finish_round(rd, 0, global_adapter, row, save_adapter, strategy, client_rounds)
+            hooks.round_end(row)
+            report.round(row, [])
+        for r in range(start, fed.rounds + 1):
+            t0 = time.perf_counter()
+            selected = strategy.select(r, client_ids, k, fed.seed)
+            hooks.round_start(r, selected)
+            instructions = [strategy.configure(r, cid, global_adapter, client_rounds.get(cid, 0)) for cid in selected]
+            if plan.active:  # each client gets its own rank and modules of the global adapter
+                instructions = [plan.down(ins) for ins in instructions]
+            sent = {ins.client_id: ins for ins in instructions}
+            down = {cid: nbytes(ins.arrays) for cid, ins in sent.items()}
+            rejected: list[dict] = []
+            accepted_ids: list[int] = []
+            client_rows: list[dict] = []
 
-    for r in range(start, fed.rounds + 1):
-        t0 = time.perf_counter()
-        selected = strategy.select(r, client_ids, k, fed.seed)
-        hooks.round_start(r, selected)
-        instructions = [strategy.configure(r, cid, global_adapter, client_rounds.get(cid, 0)) for cid in selected]
-        if plan.active:  # each client gets its own rank and modules of the global adapter
-            instructions = [plan.down(ins) for ins in instructions]
-        sent = {ins.client_id: ins for ins in instructions}
-        down = {cid: nbytes(ins.arrays) for cid, ins in sent.items()}
-        rejected: list[dict] = []
-        accepted_ids: list[int] = []
+            def log_client(**event) -> None:
+                rd.append(event="client", round=r, **event)
+                client_rows.append(event)
 
-        def accepted(updates: Iterable[Update | Failure]) -> Iterator[Update]:
-            # A bad update is logged with its reason and left out: it never reaches the aggregate.
-            for u in updates:
-                if isinstance(u, Failure):
-                    rd.append(event="client", round=r, client=u.client_id, accepted=False, reason=u.reason)
-                    log.warning("round %d: client %s dropped: %s", r, u.client_id, u.reason)
-                    rejected.append({"client": u.client_id, "reason": u.reason})
-                    continue
-                ins = sent.get(u.client_id) if isinstance(u.client_id, int) else None
-                if ins is None or u.client_id in accepted_ids:
-                    problem = f"client {u.client_id!r:.40} was not asked for one update this round"
-                else:  # checked against what this client was sent: its own rank and modules
-                    problem = check_update(u, ins.global_adapter, strategy.reply_groups,
-                                           max_examples=example_cap(u.client_id), max_value=fed.max_value)
-                extra = {"rank": plan.profile(u.client_id).r, "trainable_params": sum(
-                    v.numel() for v in ins.global_adapter.values())} if plan.clients and ins else {}
-                rd.append(event="client", round=r, client=u.client_id, num_examples=u.num_examples,
-                          accepted=problem is None, reason=problem, bytes_down=down.get(u.client_id, 0),
-                          bytes_up=nbytes(u.arrays) if problem is None else None, **extra, metrics=u.metrics)
-                if problem:
-                    log.warning("round %d: update of client %s rejected: %s", r, u.client_id, problem)
-                    rejected.append({"client": u.client_id, "reason": problem})
-                else:
-                    accepted_ids.append(u.client_id)
-                    yield plan.up(u, global_adapter) if plan.active and plan.mode == "factors" else u
+            def accepted(updates: Iterable[Update | Failure]) -> Iterator[Update]:
+                # A bad update is logged with its reason and left out: it never reaches the aggregate.
+                for u in updates:
+                    if isinstance(u, Failure):
+                        log_client(client=u.client_id, accepted=False, reason=u.reason)
+                        log.warning("round %d: client %s dropped: %s", r, u.client_id, u.reason)
+                        rejected.append({"client": u.client_id, "reason": u.reason})
+                        continue
+                    ins = sent.get(u.client_id) if isinstance(u.client_id, int) else None
+                    if ins is None or u.client_id in accepted_ids:
+                        problem = f"client {u.client_id!r:.40} was not asked for one update this round"
+                    else:  # checked against what this client was sent: its own rank and modules
+                        problem = check_update(u, ins.global_adapter, strategy.reply_groups,
+                                               max_examples=example_cap(u.client_id), max_value=fed.max_value)
+                    extra = {"rank": plan.profile(u.client_id).r, "trainable_params": sum(
+                        v.numel() for v in ins.global_adapter.values())} if plan.clients and ins else {}
+                    log_client(client=u.client_id, num_examples=u.num_examples, accepted=problem is None, reason=problem,
+                               bytes_down=down.get(u.client_id, 0), bytes_up=nbytes(u.arrays) if problem is None else None,
+                               **extra, metrics=u.metrics)
+                    if problem:
+                        log.warning("round %d: update of client %s rejected: %s", r, u.client_id, problem)
+                        rejected.append({"client": u.client_id, "reason": problem})
+                    else:
+                        accepted_ids.append(u.client_id)
+                        yield plan.up(u, global_adapter) if plan.active and plan.mode == "factors" else u
 
-        replies = accepted(runtime.fit(r, instructions))
-        if plan.mode == "product":
-            new_adapter, used = plan.product_mean(global_adapter, replies)
-        else:
-            new_adapter, used = strategy.aggregate(r, global_adapter, replies)
-        if used < fed.min_replies:
-            raise FeditError(f"round {r}: only {used} valid client update(s), fewer than federation.min_replies = "
-                             f"{fed.min_replies} (rejected: {rejected}); the run stopped after round {r - 1} and "
-                             f"can be resumed with `fedit run --resume {rd.path}`")
-        global_adapter = new_adapter
-        client_rounds.update({cid: r for cid in accepted_ids})
-        row = {"event": "round", "round": r, "clients": selected, "accepted": used, "rejected": rejected,
-               "train_seconds": round(time.perf_counter() - t0, 3)}
-        if evaluate and cfg.eval.every and (r % cfg.eval.every == 0 or r == fed.rounds):
-            t_eval = time.perf_counter()
-            row["eval"] = evaluate(global_adapter)
-            row["eval_seconds"] = round(time.perf_counter() - t_eval, 3)
-        _finish_round(rd, r, global_adapter, row, save_adapter, strategy, client_rounds, t0)
-        hooks.round_end(row)
-
+            replies = accepted(runtime.fit(r, instructions))
+            if plan.mode == "product":
+                new_adapter, used = plan.product_mean(global_adapter, replies)
+            else:
+                new_adapter, used = strategy.aggregate(r, global_adapter, replies)
+            if used < fed.min_replies:
+                raise FeditError(f"round {r}: only {used} valid client update(s), fewer than federation.min_replies = "
+                                 f"{fed.min_replies} (rejected: {rejected}); the run stopped after round {r - 1} and "
+                                 f"can be resumed with `fedit run --resume {rd.path}`")
+            global_adapter = new_adapter
+            client_rounds.update({cid: r for cid in accepted_ids})
+            row = {"event": "round", "round": r, "clients": selected, "accepted": used, "rejected": rejected,
+                   "train_seconds": round(time.perf_counter() - t0, 3)}
+            if evaluate and cfg.eval.every and (r % cfg.eval.every == 0 or r == fed.rounds):
+                t_eval = time.perf_counter()
+                row["eval"] = evaluate(global_adapter)
+                row["eval_seconds"] = round(time.perf_counter() - t_eval, 3)
+            _finish_round(rd, r, global_adapter, row, save_adapter, strategy, client_rounds, t0)
+            hooks.round_end(row)
+            report.round(row, client_rows)
     save_adapter(global_adapter, rd.path / "adapter")  # the final global adapter, where users look first
     return global_adapter
 

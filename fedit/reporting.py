@@ -1,0 +1,142 @@
+"""Watching a run: each committed round's figures to TensorBoard and/or Weights & Biases.
+
+metrics.jsonl stays the run's record (resume and the plots read it). The reporters named in
+``run.report_to`` get every round once it is committed, with its client rows, and log
+scalars with the round as the step: a crashed round is never reported, a resumed run
+carries on at the next round. Client metrics come from clients, so only finite numbers
+of the names below are reported.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+from pathlib import Path
+from typing import Protocol
+
+from fedit.errors import FeditError
+
+log = logging.getLogger(__name__)
+
+CLIENT_METRICS = ("train_loss", "steps", "trained_tokens", "seconds")
+
+
+def _number(v) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+
+
+def scalars(row: dict, clients: list[dict]) -> dict[str, float]:
+    """Tag -> value for one round: held-out loss overall and per category, the round's time and
+    bytes, the clients' token-weighted training loss and throughput, and each client's own figures."""
+    out: dict[str, float] = {}
+    ev = row.get("eval")
+    if ev and _number(ev.get("loss")) is not None:
+        out["eval/loss"] = ev["loss"]
+        out.update({f"eval_by_category/{c}": v for c, v in ev.get("by_category", {}).items()})
+    for key in ("seconds", "train_seconds", "eval_seconds"):
+        if _number(row.get(key)) is not None:
+            out[f"round/{key}"] = row[key]
+    if row["round"] == 0:
+        return out
+    out["round/accepted"] = row["accepted"]
+    out["round/rejected"] = len(row.get("rejected", []))
+    ok = [c for c in clients if c.get("accepted")]
+    out["round/bytes_down"] = sum(c.get("bytes_down") or 0 for c in ok)
+    out["round/bytes_up"] = sum(c.get("bytes_up") or 0 for c in ok)
+    tokens = seconds = loss_sum = 0.0
+    for c in ok:
+        m = {k: _number(c.get("metrics", {}).get(k)) for k in CLIENT_METRICS}
+        cid = f"{c['client']:05d}"
+        for k, v in m.items():
+            if v is not None:
+                out[f"client/{cid}/{k}"] = v
+        if m["trained_tokens"] and m["seconds"]:
+            out[f"client/{cid}/tokens_per_second"] = m["trained_tokens"] / m["seconds"]
+            tokens, seconds = tokens + m["trained_tokens"], seconds + m["seconds"]
+            if m["train_loss"] is not None:
+                loss_sum += m["train_loss"] * m["trained_tokens"]
+    if tokens:
+        out["train/loss"] = loss_sum / tokens
+        out["train/tokens_per_second"] = tokens / seconds
+        out["train/tokens"] = tokens
+    return out
+
+
+class Reporter(Protocol):
+    def log(self, step: int, values: dict[str, float]) -> None: ...
+    def close(self) -> None: ...
+
+
+class TensorBoard:
+    def __init__(self, run_dir: Path):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        for tag, v in values.items():
+            self.writer.add_scalar(tag, v, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandB:
+    """One W&B run per fedit run; its id is kept in the run directory so --resume continues it."""
+
+    def __init__(self, run_dir: Path, project: str, config: dict):
+        try:
+            import wandb
+        except ImportError:
+            raise FeditError("run.report_to names 'wandb' but the wandb package is not installed: "
+                             "pip install 'fedit[wandb]' (or drop it from run.report_to)") from None
+        id_file = run_dir / "wandb" / "fedit-run-id"
+        id_file.parent.mkdir(parents=True, exist_ok=True)
+        run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(6)
+        id_file.write_text(run_id)
+        self.run = wandb.init(project=project, id=run_id, name=run_dir.name, dir=str(run_dir), config=config,
+                              resume="allow")
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        self.run.log(values, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class Reporters:
+    def __init__(self, reporters: list[Reporter]):
+        self.reporters = reporters
+
+    def round(self, row: dict, clients: list[dict]) -> None:
+        values = scalars(row, clients)
+        for r in self.reporters:
+            try:
+                r.log(row["round"], values)
+            except Exception as e:  # watching a run must never stop it
+                log.warning("reporting round %d to %s failed: %s", row["round"], type(r).__name__, e)
+
+    def __enter__(self) -> "Reporters":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for r in self.reporters:
+            try:
+                r.close()
+            except Exception as e:
+                log.warning("closing %s failed: %s", type(r).__name__, e)
+
+
+def open_reporters(names: tuple[str, ...], run_dir: Path, project: str = "fedit",
+                   config: dict | None = None) -> Reporters:
+    out: list[Reporter] = []
+    if "tensorboard" in names:
+        out.append(TensorBoard(run_dir))
+    if "wandb" in names:
+        out.append(WandB(run_dir, project, config or {}))
+    return Reporters(out)
