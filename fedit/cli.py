@@ -15,19 +15,12 @@ from fedit.runtime import flower_cli
 
 def _partition(args: argparse.Namespace, console) -> None:
     from fedit.data import partition
-    from fedit.data.records import load_records, parse_mapping
 
-    loaded = load_records(args.data, parse_mapping(args.fields), split=args.split)
-    sp = partition.split(loaded.records, args.clients, args.scheme, alpha=args.alpha, seed=args.seed,
-                         test_per_category=args.test_per_category, min_size=args.min_size)
-    m = partition.write(args.out, loaded, sp, scheme=args.scheme, seed=args.seed, alpha=args.alpha,
-                        test_per_category=args.test_per_category)
-    sizes = [c["examples"] for c in m["clients"]]
-    console.print(f"read {m['records']} records from {args.data}; {loaded.skipped_summary()}")
-    console.print(f"test: {m['test']['examples']} records ({args.test_per_category} per category, "
-                  f"{len(m['categories'])} categories)")
-    console.print(f"{args.scheme} split over {len(sizes)} clients: {sum(sizes)} records, "
-                  f"{min(sizes)}-{max(sizes)} per client")
+    m, loaded = partition.make(args.data, args.out, clients=args.clients, scheme=args.scheme, alpha=args.alpha,
+                               min_size=args.min_size, test_per_category=args.test_per_category, seed=args.seed,
+                               fields=args.fields or "", split_name=args.split)
+    for line in partition.describe(m, loaded):
+        console.print(line)
     console.print(f"wrote {args.out}/ (client_*.jsonl, test.jsonl, manifest.json, heterogeneity.png)")
 
 

@@ -23,9 +23,29 @@ DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 _f = option
 
 
+DOLLY = "databricks/databricks-dolly-15k"
+
+
 @dataclass(frozen=True)
 class DataConfig:
-    clients_dir: str = _f("", "Directory written by `fedit partition` (client_*.jsonl, test.jsonl, manifest.json).")
+    source: str = _f(DOLLY, "Instruction data: a hub dataset id or a JSON/JSONL file. `fedit run` partitions it into "
+                            "<run.out>/data with the keys below (the paper's split by default), unless "
+                            "data.clients_dir names a partition made before.")
+    clients_dir: str = _f("", "A directory written by `fedit partition` (client_*.jsonl, test.jsonl, manifest.json); "
+                              "when set, data.source and the partition keys below are not used.")
+    clients: int = _f(100, "Partition: number of clients (the paper: 100).", min=1)
+    scheme: str = _f("dirichlet", "Partition: 'dirichlet' over categories (the paper's), 'iid', 'shards' (2 "
+                                  "categories' shards each), 'quantity' (Dirichlet sizes, IID content).",
+                     choices=("iid", "shards", "dirichlet", "quantity"))
+    alpha: float = _f(0.5, "Partition: Dirichlet concentration (dirichlet, quantity); smaller is more skewed.",
+                      min=0.0, exclusive_min=True)
+    min_size: int = _f(0, "Partition: fewest records per client (dirichlet, quantity); 0: the paper repo's 40, "
+                          "less when clients are small.", min=0)
+    test_per_category: int = _f(10, "Partition: held-out records per category (the paper's test set: 10).", min=1)
+    seed: int = _f(42, "Partition: seed of the hold-out and the split.", min=0)
+    fields: str = _f("", "Partition: field names of your records, e.g. 'instruction=prompt,response=answer'; "
+                         "empty: Dolly's and Alpaca's are recognised.")
+    split: str = _f("train", "Partition: split of a hub dataset.")
     test_file: str = _f("", "Held-out test file; default: <clients_dir>/test.jsonl.")
     template: str = _f("alpaca", "Prompt template: 'alpaca' (the paper's) or 'chat' (the model's chat template).",
                        choices=("alpaca", "chat"))

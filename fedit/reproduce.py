@@ -43,7 +43,7 @@ from fedit.evaluation import report
 from fedit.evaluation.evaluate import Settings, evaluate_active
 from fedit.evaluation.questions import Question, QuestionSet, load_questions
 
-DEFAULT_DATA = "databricks/databricks-dolly-15k"
+DEFAULT_DATA = config_mod.DOLLY
 LOCALS = {  # name -> categories it holds (the paper's Local-1, -2, -3)
     "local-1": ("brainstorming",),
     "local-2": ("closed_qa",),
@@ -303,6 +303,11 @@ def train_or_reuse(name: str, mcfg: Config, run_dir: Path, out_dir: Path, loaded
             != _training_settings(mcfg):
         raise FeditError(f"{run_dir} holds a {name} run made with other settings; choose another --out or "
                          f"delete {out_dir}")
+    run_json = run_dir / "run.json"
+    trained_on = json.loads(run_json.read_text()).get("data_sha256") if run_json.is_file() else None
+    if trained_on and trained_on != partition.partition_sha256(mcfg.data.clients_dir, mcfg.data.test_file or None):
+        raise FeditError(f"{run_dir} holds a {name} run trained on other data than --data gives now; choose "
+                         f"another --out or delete {out_dir}")
     if (run_dir / "adapter" / "adapter_config.json").is_file():
         say(f"{name}: reusing the finished run in {run_dir}")
     elif (run_dir / "state.json").is_file():

@@ -18,6 +18,7 @@ from typing import Callable, Iterator
 from fedit import __version__, server
 from fedit import config as config_mod
 from fedit.config import Config
+from fedit.data import partition
 from fedit.data.clients import ClientFiles
 from fedit.data.batches import Example, tokenize
 from fedit.data.records import load_records
@@ -33,6 +34,7 @@ class Prepared:
     loaded: Loaded
     clients: ClientFiles
     test: list[Example]
+    data_sha256: str
 
     def evaluate(self, adapter: Adapter, batch_size: int) -> dict:
         return heldout_loss(self.loaded, self.test, adapter, batch_size)
@@ -41,21 +43,37 @@ class Prepared:
         save_adapter(self.loaded.model, adapter, path)
 
 
-def prepare(cfg: Config, loaded: Loaded | None = None) -> Prepared:
-    if not cfg.data.clients_dir:
-        raise FeditError("data.clients_dir is not set; make one with `fedit partition --data FILE --out DIR` "
-                         "and pass data.clients_dir=DIR")
+def partition_dir(cfg: Config, run_dir: Path, say: Callable[[str], None] = lambda line: None) -> Path:
+    """The run's partition: data.clients_dir, or data.source partitioned into <run>/data the
+    first time (a resumed or restarted run finds it there)."""
+    if cfg.data.clients_dir:
+        return Path(cfg.data.clients_dir)
+    out = run_dir / "data"
+    if not (out / "manifest.json").is_file():
+        d = cfg.data
+        say(f"partitioning {d.source} into {out} ({d.scheme}, {d.clients} clients) ...")
+        m, loaded = partition.make(d.source, out, clients=d.clients, scheme=d.scheme, alpha=d.alpha,
+                                   min_size=d.min_size or None, test_per_category=d.test_per_category, seed=d.seed,
+                                   fields=d.fields, split_name=d.split)
+        for line in partition.describe(m, loaded):
+            say(line)
+    return out
+
+
+def prepare(cfg: Config, loaded: Loaded | None = None, run_dir: Path | None = None,
+            say: Callable[[str], None] = lambda line: None) -> Prepared:
+    clients_dir = partition_dir(cfg, Path(run_dir or cfg.run.out), say)
+    test_file = Path(cfg.data.test_file or clients_dir / "test.jsonl")
+    if not test_file.is_file():
+        raise FeditError(f"test file {test_file} does not exist; set data.test_file or re-run `fedit partition`")
     if loaded is None:
         loaded = load_base(cfg.model)
         attach_lora(loaded, cfg.lora, cfg.federation.seed)
     t = cfg.train
-    clients = ClientFiles(cfg.data.clients_dir, loaded.tokenizer, t.cutoff_len, t.train_on_inputs, cfg.data.template)
-    test_file = Path(cfg.data.test_file or Path(cfg.data.clients_dir) / "test.jsonl")
-    if not test_file.is_file():
-        raise FeditError(f"test file {test_file} does not exist; set data.test_file or re-run `fedit partition`")
+    clients = ClientFiles(clients_dir, loaded.tokenizer, t.cutoff_len, t.train_on_inputs, cfg.data.template)
     test = tokenize(load_records(test_file).records, loaded.tokenizer, cfg.eval.cutoff_len or t.cutoff_len,
                     t.train_on_inputs, cfg.data.template)
-    return Prepared(loaded, clients, test)
+    return Prepared(loaded, clients, test, partition.partition_sha256(clients_dir, test_file))
 
 
 def run_metadata(cfg: Config, loaded: Loaded) -> dict:
@@ -84,7 +102,7 @@ def resolve_run(cfg: Config | None, resume: str | None) -> tuple[Config, Path]:
 def run(cfg: Config | None, resume: str | None = None, console=None, loaded: Loaded | None = None) -> Path:
     """Run or resume the federated training in-process; return the run directory."""
     cfg, run_dir = resolve_run(cfg, resume)
-    prep = prepare(cfg, loaded)
+    prep = prepare(cfg, loaded, run_dir, console.print if console is not None else lambda line: None)
     progress = _Progress(cfg, console) if console is not None and cfg.run.progress else None
     sim = Simulation(prep.loaded, prep.clients, cfg, state_dir=run_dir / "client_state",
                      on_client=progress.client if progress else None)
@@ -95,7 +113,8 @@ def run(cfg: Config | None, resume: str | None = None, console=None, loaded: Loa
         server.run(cfg, sim, run_dir, client_ids=prep.clients.ids, initial_adapter=prep.loaded.initial_adapter,
                    save_adapter=prep.save, evaluate=lambda a: prep.evaluate(a, cfg.eval.batch_size), resume=bool(resume),
                    hooks=progress.hooks() if progress else None, meta=meta,
-                   client_sizes={c["id"]: c["examples"] for c in prep.clients.manifest["clients"]})
+                   client_sizes={c["id"]: c["examples"] for c in prep.clients.manifest["clients"]},
+                   data_sha256=prep.data_sha256)
     rd = server.RunDir(run_dir)
     plot_loss(server.loss_curve(rd), run_dir / "loss.png")
     return run_dir

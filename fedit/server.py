@@ -130,11 +130,13 @@ def check_update(u: Update, reference: Adapter, groups: tuple[str, ...] = (ADAPT
 def run(cfg: Config, runtime: Runtime, run_dir: str | Path, *, client_ids: list[int], initial_adapter: Adapter,
         save_adapter: Callable[[Adapter, Path], None], evaluate: Callable[[Adapter], dict] | None = None,
         resume: bool = False, hooks: Hooks | None = None, meta: dict | None = None,
-        client_sizes: dict[int, int] | None = None) -> Adapter:
+        client_sizes: dict[int, int] | None = None, data_sha256: str | None = None) -> Adapter:
     """Run (or resume) ``cfg.federation.rounds`` rounds; return the final global adapter.
 
     ``client_sizes`` (records per client, where the server knows them: the partition manifest
-    in-process) caps the example count a client may claim at size × local_epochs."""
+    in-process) caps the example count a client may claim at size × local_epochs.
+    ``data_sha256`` (of the data files the server sees) is kept in run.json; a resume with
+    other files is refused."""
     hooks = hooks or Hooks()
     rd = RunDir(run_dir)
     fed = cfg.federation
@@ -154,6 +156,10 @@ def run(cfg: Config, runtime: Runtime, run_dir: str | Path, *, client_ids: list[
     if resume and state is None:
         raise FeditError(f"{rd.path} has no state.json: nothing to resume; start it with `fedit run` instead")
     if state:
+        started_on = json.loads((rd.path / "run.json").read_text()).get("data_sha256")
+        if data_sha256 and started_on and data_sha256 != started_on:
+            raise FeditError(f"the partition of this run changed since it started (sha256 {data_sha256[:12]} now, "
+                             f"{started_on[:12]} then); resume with the partition it started with, or start a new run")
         start = state["round"] + 1
         rd.truncate_metrics(state["metrics_offset"])
         global_adapter = load_adapter_file(rd.round_dir(state["round"]))
@@ -167,7 +173,8 @@ def run(cfg: Config, runtime: Runtime, run_dir: str | Path, *, client_ids: list[
                              f"{rd.path}` or choose another run.out")
         (rd.path / "rounds").mkdir(parents=True, exist_ok=True)
         atomic_write(rd.path / "config.toml", config_mod.to_toml(cfg))
-        atomic_write_json(rd.path / "run.json", {**(meta or {}), "clients": len(client_ids), "clients_per_round": k})
+        atomic_write_json(rd.path / "run.json", {**(meta or {}), "clients": len(client_ids), "clients_per_round": k,
+                                                 "data_sha256": data_sha256})
         start, global_adapter, client_rounds = 1, initial_adapter, {}
     report = reporting.open_reporters(cfg.run.report_to, rd.path, cfg.run.wandb_project, cfg.to_dict())
     with report:

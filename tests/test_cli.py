@@ -36,8 +36,11 @@ def test_user_errors_exit_2_with_one_message(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "2 problem(s)" in err and "train.lr = 'abc'" in err and "train.micro_batch_size = 0" in err
 
-    assert main(["run"]) == 2
-    assert "data.clients_dir is not set" in capsys.readouterr().err
+    # The default data is the paper's Dolly hub id; without hub access the message says to pass a file.
+    assert main(["run", f"run.out={tmp_path / 'r'}"]) == 2
+    err = capsys.readouterr().err
+    assert "could not load hub dataset 'databricks/databricks-dolly-15k'" in err and "JSON/JSONL path" in err
+    assert not (tmp_path / "r").exists()
 
     assert main(["bench", "--protocol-rounds", "21", "--out", str(tmp_path / "b")]) == 2
     assert "pass 0 to 20" in capsys.readouterr().err
@@ -63,3 +66,28 @@ def test_bad_model_name_is_clear(tmp_path, partition_dir, capsys):
                  f"run.out={tmp_path / 'r'}"]) == 2
     assert "GGUF file not found" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_one_command_partitions_the_source_into_the_run(tmp_path, tiny_model_dir, records_file, capsys):
+    run = tmp_path / "r"
+    args = ["run", f"data.source={records_file}", "data.clients=3", "data.scheme=iid", "data.test_per_category=1",
+            "data.seed=5", f"model.name={tiny_model_dir}", "model.dtype=fp32", "federation.rounds=1",
+            "federation.clients_per_round=2", "train.max_steps=1", "train.batch_size=2", "train.micro_batch_size=2",
+            "lora.r=2", f"run.out={run}", "run.progress=false"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "iid split over 3 clients: 44 records" in out and "held-out loss:" in out
+    # the same split `fedit partition` makes with the same options, file for file
+    assert main(["partition", "--data", str(records_file), "--clients", "3", "--scheme", "iid",
+                 "--test-per-category", "1", "--seed", "5", "--out", str(tmp_path / "p")]) == 0
+    for f in ("client_000.jsonl", "client_002.jsonl", "test.jsonl"):
+        assert (run / "data" / f).read_bytes() == (tmp_path / "p" / f).read_bytes()
+
+    # A resumed run must train on the data it started with: a changed client file is refused.
+    assert main(["run", "--resume", str(run)]) == 0  # unchanged: nothing left to do, no error
+    capsys.readouterr()
+    with open(run / "data" / "client_001.jsonl", "a") as f:
+        f.write(json.dumps({"instruction": "new", "response": "row", "category": "open_qa"}) + "\n")
+    assert main(["run", "--resume", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "partition of this run changed since it started" in err and "Traceback" not in err

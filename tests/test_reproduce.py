@@ -135,3 +135,10 @@ def test_smoke_reproduction_with_judge(tmp_path, tiny_model_dir, records_file):
     assert all(p.read_bytes() == b for p, b in before.items())
     with pytest.raises(FeditError, match="other settings"):
         reproduce.reproduce("smoke", data=str(records_file), out=str(out), overrides=overrides + ["train.lr=5e-4"])
+    # Other data into the same --out: the finished runs were trained on the old data, so none is reused.
+    from conftest import make_records
+
+    other = write_jsonl(tmp_path / "other.jsonl", [dict(r, response=r["response"] + " Indeed.")
+                                                   for r in make_records()])
+    with pytest.raises(FeditError, match="trained on other data than --data gives now"):
+        reproduce.reproduce("smoke", data=str(other), out=str(out), overrides=overrides)

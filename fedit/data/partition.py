@@ -164,6 +164,28 @@ def write(out: str | Path, loaded: LoadResult, sp: Split, *, scheme: str, seed: 
     return manifest
 
 
+def make(source: str, out: str | Path, *, clients: int = 100, scheme: str = "dirichlet", alpha: float = 0.5,
+         min_size: int | None = None, test_per_category: int = 10, seed: int = 42, fields: str = "",
+         split_name: str = "train") -> tuple[dict, LoadResult]:
+    """Read ``source`` (a file or hub id), split it and write the partition into ``out``:
+    `fedit partition` and `fedit run data.source=...` both come here."""
+    from fedit.data.records import load_records, parse_mapping
+
+    loaded = load_records(source, parse_mapping(fields), split=split_name)
+    sp = split(loaded.records, clients, scheme, alpha=alpha, seed=seed, test_per_category=test_per_category,
+               min_size=min_size)
+    return write(out, loaded, sp, scheme=scheme, seed=seed, alpha=alpha, test_per_category=test_per_category), loaded
+
+
+def describe(m: dict, loaded: LoadResult) -> list[str]:
+    """What a partition holds, in a few lines for the console."""
+    sizes = [c["examples"] for c in m["clients"]]
+    return [f"read {m['records']} records from {m['source']}; {loaded.skipped_summary()}",
+            f"test: {m['test']['examples']} records ({m['test_per_category']} per category, "
+            f"{len(m['categories'])} categories)",
+            f"{m['scheme']} split over {len(sizes)} clients: {sum(sizes)} records, {min(sizes)}-{max(sizes)} per client"]
+
+
 def plot_heterogeneity(manifest: dict, path: Path) -> None:
     """Stacked bars of categories per client, like the paper's Figure 2."""
     import matplotlib
@@ -194,6 +216,28 @@ def plot_heterogeneity(manifest: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def fingerprint(files: list[Path]) -> str:
+    """sha256 over the names and bytes of the files that exist: a resumed run checks it still
+    trains on the data it started with."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in files:
+        if f.is_file():
+            h.update(f.name.encode() + b"\0")
+            with open(f, "rb") as fh:
+                while chunk := fh.read(1 << 20):
+                    h.update(chunk)
+    return h.hexdigest()
+
+
+def partition_sha256(clients_dir: str | Path, test_file: str | Path | None = None) -> str:
+    """The fingerprint of a partition as a run sees it: manifest, test file and every client file."""
+    d = Path(clients_dir)
+    files = [d / c["file"] for c in read_manifest(d)["clients"]]
+    return fingerprint([d / "manifest.json", Path(test_file or d / "test.jsonl"), *files])
 
 
 def read_manifest(clients_dir: str | Path) -> dict:

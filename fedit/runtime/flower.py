@@ -442,7 +442,7 @@ def serve(grid: Grid, rc: dict) -> Path:
                     "weights its update unchecked; set federation.max_examples or a robust federation.aggregator")
     server.run(cfg, FlowerRuntime(grid, cfg, nodes), run_dir, client_ids=client_ids, client_sizes=prep["sizes"],
                initial_adapter=loaded.initial_adapter, save_adapter=save, evaluate=evaluate, resume=bool(resume),
-               hooks=server.Hooks(round_end=round_end), meta=meta)
+               hooks=server.Hooks(round_end=round_end), meta=meta, data_sha256=prep["data_sha256"])
     try:
         from fedit.evaluation.plots import plot_loss
 
@@ -459,7 +459,7 @@ def prepare_server(cfg: Config) -> dict:
     Unlike `fedit run` the server needs no client files: only the test file (for evaluation).
     """
     from fedit.data.batches import tokenize
-    from fedit.data.partition import read_manifest
+    from fedit.data.partition import fingerprint, read_manifest
     from fedit.data.records import load_records
     from fedit.model import attach_lora, load_base
 
@@ -478,4 +478,6 @@ def prepare_server(cfg: Config) -> dict:
         test = tokenize(load_records(test_file).records, loaded.tokenizer, cfg.eval.cutoff_len or t.cutoff_len,
                         t.train_on_inputs,
                         cfg.data.template)
-    return {"loaded": loaded, "test": test, "manifest_ids": sorted(sizes), "sizes": sizes}
+    seen = [Path(cfg.data.clients_dir) / "manifest.json"] if cfg.data.clients_dir else []  # clients' files are theirs
+    data_sha256 = fingerprint(seen + ([Path(test_file)] if test_file else []))
+    return {"loaded": loaded, "test": test, "manifest_ids": sorted(sizes), "sizes": sizes, "data_sha256": data_sha256}
