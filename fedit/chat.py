@@ -56,7 +56,7 @@ from typing import Callable, Iterator, Sequence, TextIO
 
 from fedit.data.prompts import ALPACA_NO_INPUT
 from fedit.errors import FeditError
-from fedit.inference import ALPACA_STOPS, generate, stream
+from fedit.inference import generate, stops, stream
 
 Turn = tuple[str, str]  # (user message, assistant answer)
 
@@ -99,7 +99,7 @@ class Chat:
 
     @property
     def stop(self) -> tuple[str, ...]:
-        return ALPACA_STOPS if self.template == "alpaca" else ()
+        return stops(self.template)
 
     def prompt(self, history: Sequence[Turn], message: str) -> tuple[str, int]:
         """(prompt, number of oldest turns dropped to fit ``max_prompt_tokens``)."""

@@ -28,8 +28,15 @@ from fedit.model import Loaded, load_base
 
 # In the alpaca template every line that starts with "### " opens a section and the
 # answer is the Response section; a model tuned on it sometimes goes on with a new
-# task ("### Instruction:") or a section of its own ("### Explanation:"): the answer ends there.
-ALPACA_STOPS = ("\n### ",)
+# task ("### Instruction:") or a section of its own ("### Explanation:"): the answer ends
+# there, and at the template's own markers wherever they appear. One list for generate,
+# chat and eval, so they all cut an answer at the same place.
+ALPACA_STOPS = ("\n### ", "### Instruction:", "### Input:", "### Response:")
+
+
+def stops(template: str) -> tuple[str, ...]:
+    """Where an answer ends, by prompt template (the chat template ends answers with EOS)."""
+    return ALPACA_STOPS if template == "alpaca" else ()
 
 
 @dataclass(frozen=True)

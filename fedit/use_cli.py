@@ -146,7 +146,7 @@ def read_prompts(path: str | Path) -> list[tuple[str, str]]:
 def generate_cmd(args: argparse.Namespace, console) -> None:
     from fedit.checkpoint import atomic_write
     from fedit.data.prompts import prompt
-    from fedit.inference import ALPACA_STOPS, generate
+    from fedit.inference import generate, stops
 
     _check_sampling(args)
     if args.batch_size < 1:
@@ -160,7 +160,7 @@ def generate_cmd(args: argparse.Namespace, console) -> None:
     prompts = [prompt(i, c, template, loaded.tokenizer) for i, c in items]
     answers = generate(loaded, prompts, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                        do_sample=args.sample, temperature=args.temperature, top_p=args.top_p,
-                       stop=ALPACA_STOPS if template == "alpaca" else ())
+                       stop=stops(template))
     if args.out:
         out = Path(args.out).expanduser()
         out.parent.mkdir(parents=True, exist_ok=True)

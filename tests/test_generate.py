@@ -123,10 +123,17 @@ def test_cut_at_stop_and_held_back_prefix():
     assert cut_at_stop("an answer\n\n### Instruction:\nmore", ALPACA_STOPS) == "an answer\n"
     assert cut_at_stop("Paris.\n### Explanation:\nbecause", ALPACA_STOPS) == "Paris."
     assert cut_at_stop("no stop here, not even ###", ALPACA_STOPS) == "no stop here, not even ###"
+    # eval, generate and chat cut at the same place (one list of stops)
+    from fedit.evaluation.evaluate import clean_answer
+
+    for text in ("Paris.\n### Explanation:\nbecause", "### Response: x", " Paris.\n\n### Instruction:\nName"):
+        assert clean_answer(text, "alpaca") == cut_at_stop(text, ALPACA_STOPS).strip()
+    assert clean_answer("Paris.\n### Explanation:\nbecause", "alpaca") == "Paris."
     assert cut_at_stop("ab<stop>cd<end>", ["<end>", "<stop>"]) == "ab"  # the first one in the text wins
     assert _stop_prefix_len("an answer\n##", ALPACA_STOPS) == 3
     assert _stop_prefix_len("an answer\n", ALPACA_STOPS) == 1
-    assert _stop_prefix_len("an answer #", ALPACA_STOPS) == 0
+    assert _stop_prefix_len("an answer #", ALPACA_STOPS) == 1  # could begin "### Response:"
+    assert _stop_prefix_len("an answer", ALPACA_STOPS) == 0
 
 
 # ---------------------------------------------------------------- the command

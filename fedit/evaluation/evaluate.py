@@ -28,18 +28,12 @@ from fedit.data.batches import tokenize
 from fedit.data.prompts import prompt as make_prompt
 from fedit.evaluation.loss import heldout_loss
 from fedit.evaluation.questions import QuestionSet
+from fedit.inference import cut_at_stop, stops
 from fedit.model import Loaded
-
-# Template markers a model may go on to write after its answer (alpaca): the answer ends there.
-_ALPACA_MARKERS = ("### Instruction:", "### Input:", "### Response:")
 
 
 def clean_answer(text: str, template: str) -> str:
-    if template == "alpaca":
-        cut = min((i for i in (text.find(m) for m in _ALPACA_MARKERS) if i >= 0), default=-1)
-        if cut >= 0:
-            text = text[:cut]
-    return text.strip()
+    return cut_at_stop(text, stops(template)).strip()
 
 
 def rouge_l(predictions: list[str], references: list[str]) -> list[float]:
@@ -98,7 +92,7 @@ def generate_answers(loaded: Loaded, qset: QuestionSet, s: Settings,
     model, tok = loaded.model, loaded.tokenizer
     saved = (model.training, tok.padding_side, model.config.use_cache)
     prompts = [make_prompt(q.instruction, q.context, s.template, tok) for q in qset.questions]
-    stop = _ALPACA_MARKERS if s.template == "alpaca" else ()
+    stop = stops(s.template)
     torch.manual_seed(s.seed)  # sampling, when chosen, is reproducible
     out: list[str] = []
     model.eval()
