@@ -1,6 +1,6 @@
 """`fedit chat`: prompt building, the terminal loop on scripted input, the web page in headless Chromium.
 
-The browser is Debian's chromium (apt-get install chromium), driven over the DevTools
+The browser is Debian's chromium (scripts/setup-system.sh installs it), driven over the DevTools
 protocol on a pipe (--remote-debugging-pipe): no webdriver, no extra Python package.
 """
 
@@ -330,7 +330,8 @@ class Browser:
 @pytest.fixture()
 def browser():
     if not CHROMIUM.exists():
-        pytest.fail("/usr/bin/chromium is absent: apt-get install -y chromium (the web chat test needs a browser)")
+        # a failure, never a skip: a test that cannot run is not a test that passed
+        pytest.fail("/usr/bin/chromium is absent: run scripts/setup-system.sh (the web chat test needs a browser)")
     b = Browser()
     yield b
     b.close()
