@@ -67,6 +67,10 @@ def run(out: Path, quick: bool = False, model: str | None = None, skip_naive: bo
     if protocol_rounds:
         say(f"the paper's protocol, {protocol_rounds} round(s) ...")
         res["protocol"] = rounds.protocol(out / "work", protocol_rounds, model=model)
+        say("the same round(s) without the micro-batch token budget ...")
+        res["protocol_no_budget"] = rounds.protocol(out / "work", protocol_rounds, model=model,
+                                                    overrides=["train.micro_batch_tokens=0"],
+                                                    name="protocol-run-no-budget")
     (out / "bench.json").write_text(json.dumps(res, indent=2))
     (out / "bench.md").write_text(table(res))
     say(table(res))
@@ -125,4 +129,10 @@ def table(r: dict) -> str:
                      f"{p['records']:,} records | {p['train_seconds']:.0f} s training + {p['rest_seconds']:.0f} s "
                      f"evaluation and checkpoints, peak RSS {p['peak_rss_mb']:,.0f} MB; {whole} "
                      f"{p['projected_hours']:.1f} h |")
+    if "protocol_no_budget" in r:
+        p, q = r["protocol"], r["protocol_no_budget"]
+        lines.append(f"| the same round(s): micro-batches bounded by {p['micro_batch_tokens']} tokens (the default) "
+                     f"vs by 8 examples only | peak RSS {p['peak_rss_mb']:,.0f} vs {q['peak_rss_mb']:,.0f} "
+                     f"MB; {p['tokens_per_s']:.0f} vs {q['tokens_per_s']:.0f} real tokens/s "
+                     f"({100 * (p['tokens_per_s'] / q['tokens_per_s'] - 1):+.1f}%) |")
     return "\n".join(lines) + "\n"

@@ -80,28 +80,35 @@ def round_overhead(work: Path, rounds: int = 3, clients_per_round: int = 5, step
             "steps_per_client": steps, "peak_rss_mb": res["peak_rss_mb"]}
 
 
-def protocol(work: Path, rounds: int = 1, model: str | None = None, data: str = DOLLY, clients: int = 100) -> dict:
+def protocol(work: Path, rounds: int = 1, model: str | None = None, data: str = DOLLY, clients: int = 100,
+             overrides: list[str] = (), name: str = "protocol-run") -> dict:
     """The paper's Section 3.1 protocol, `fedit run`'s defaults on a Dirichlet partition of
     ``clients`` clients (100, alpha 0.5, seed 42: as the README's main command draws it), cut to its first
     ``rounds`` rounds; the whole protocol is projected from them: training seconds per record
     times every training record, plus the rest of a round (evaluation, checkpoint) per round."""
+    from fedit import config
     from fedit.config import FederationConfig
 
     paper = FederationConfig()
     parts = partition(work / f"dolly-{clients}-dirichlet", clients, "dirichlet", seed=42, data=data)
     t = time.perf_counter()
-    res = run_in_child(parts, work / "protocol-run",
-                       [f"federation.rounds={rounds}"] + ([f"model.name={model}"] if model else []))
+    res = run_in_child(parts, work / name,
+                       [f"federation.rounds={rounds}", *overrides] + ([f"model.name={model}"] if model else []))
     wall = time.perf_counter() - t
     rows = res["rows"]
     done = [r for r in rows if r.get("event") == "round" and r["round"] > 0]
-    trained = sum(c["num_examples"] for c in rows if c.get("event") == "client")
+    clients_rows = [c for c in rows if c.get("event") == "client"]
+    trained = sum(c["num_examples"] for c in clients_rows)
+    tokens = sum(c["metrics"]["trained_tokens"] for c in clients_rows)
+    client_seconds = sum(c["metrics"]["seconds"] for c in clients_rows)
     records = sum(c["examples"] for c in json.loads((parts / "manifest.json").read_text())["clients"])
     train = sum(r["train_seconds"] for r in done)
     rest = sum(r["seconds"] - r["train_seconds"] for r in done)
     return {"rounds": len(done), "of_rounds": paper.rounds, "clients": clients, "clients_per_round": paper.clients_per_round,
             "records_trained": trained, "records": records, "train_seconds": train, "rest_seconds": rest,
-            "wall_seconds": wall, "peak_rss_mb": res["peak_rss_mb"],
+            "wall_seconds": wall, "peak_rss_mb": res["peak_rss_mb"], "overrides": list(overrides),
+            "micro_batch_tokens": config.load(work / name / "config.toml").train.micro_batch_tokens,
+            "tokens_per_s": tokens / client_seconds,
             "projected_hours": (train * records / trained + rest * paper.rounds / len(done)) / 3600}
 
 

@@ -76,7 +76,7 @@ def _train(loaded: Loaded, ins: FitIns, examples: list[Example], cfg: TrainConfi
         step_tokens = sum(examples[i].trained_tokens for i in step)
         if step_tokens == 0:  # every response truncated away: nothing to learn from this step
             continue
-        for mb in micro_batches(step, examples, cfg.micro_batch_size):
+        for mb in micro_batches(step, examples, cfg.micro_batch_size, cfg.micro_batch_tokens, loaded.packed):
             batch = make_batch([examples[i] for i in mb], pad, loaded.packed, loaded.device)
             with loaded.autocast():
                 losses, _ = token_losses(model, batch)

@@ -66,3 +66,26 @@ def test_protocol_rounds_project_the_whole_protocol_and_run_again_in_the_same_pl
                if "protocol" in line)
     assert "5 of 10 Dirichlet clients" in row and "2 of 20 rounds" in row
     assert f"whole protocol projected {p['projected_hours']:.1f} h" in row
+
+
+def test_protocol_with_and_without_the_token_budget(tmp_path, tiny_model_dir):
+    """The memory row compares the same round with the default budget and with none, on the same clients."""
+    from benchmarks import rounds
+    from conftest import make_records, write_jsonl
+
+    data = write_jsonl(tmp_path / "records.jsonl", make_records(20))
+    kw = dict(rounds=1, model=str(tiny_model_dir), data=str(data), clients=10)
+    p = rounds.protocol(tmp_path / "work", **kw, overrides=["train.micro_batch_tokens=16"])
+    q = rounds.protocol(tmp_path / "work", **kw, overrides=["train.micro_batch_tokens=0"], name="no-budget")
+    assert (p["micro_batch_tokens"], q["micro_batch_tokens"]) == (16, 0)
+    assert p["records_trained"] == q["records_trained"] > 0  # the same clients and examples
+    run = lambda name: [json.loads(line) for line in (tmp_path / "work" / name / "metrics.jsonl").open()]  # noqa: E731
+    tokens = lambda rows: sum(c["metrics"]["trained_tokens"] for c in rows if c["event"] == "client")  # noqa: E731
+    secs = lambda rows: sum(c["metrics"]["seconds"] for c in rows if c["event"] == "client")  # noqa: E731
+    a, b = run("protocol-run"), run("no-budget")
+    assert tokens(a) == tokens(b) and p["tokens_per_s"] == pytest.approx(tokens(a) / secs(a))
+    row = next(line for line in bench.table({"machine": "m", "model": "tiny", "started": "now",
+                                             "throughput": _throughput(), **_rest(), "protocol": p,
+                                             "protocol_no_budget": q}).splitlines() if "bounded by" in line)
+    assert f"peak RSS {p['peak_rss_mb']:,.0f} vs {q['peak_rss_mb']:,.0f} MB" in row
+    assert f"({100 * (p['tokens_per_s'] / q['tokens_per_s'] - 1):+.1f}%)" in row

@@ -57,6 +57,17 @@ def test_plan_steps_and_micro_batches():
             self.input_ids = [0] * n
     exs = [E(n) for n in [5, 50, 7, 49]]
     assert micro_batches([0, 1, 2, 3], exs, 2) == [[1, 3], [2, 0]]
+    # A token budget, worked by hand (lengths 50, 49, 7, 5 longest first):
+    # packed, 100 tokens: 50 + 49 = 99 fits, + 7 would not; then 7 + 5 = 12
+    assert micro_batches([0, 1, 2, 3], exs, 4, max_tokens=100) == [[1, 3], [2, 0]]
+    assert micro_batches([0, 1, 2, 3], exs, 4, max_tokens=105) == [[1, 3], [2, 0]]
+    assert micro_batches([0, 1, 2, 3], exs, 4, max_tokens=106) == [[1, 3, 2], [0]]  # 99 + 7 = 106; + 5 = 111
+    # padded, 100 tokens: every row costs the longest (50): 50 + 50 fits, a third row would be 150
+    assert micro_batches([0, 1, 2, 3], exs, 4, max_tokens=100, packed=False) == [[1, 3], [2, 0]]
+    assert micro_batches([0, 1, 2, 3], exs, 4, max_tokens=20, packed=False) == [[1], [3], [2, 0]]
+    # an example longer than the budget goes alone; no budget is the count alone
+    assert micro_batches([0, 1, 2, 3], exs, 4, max_tokens=10) == [[1], [3], [2], [0]]
+    assert micro_batches([0, 1, 2, 3], exs, 4, max_tokens=0) == [[1, 3, 2, 0]]
 
 
 def test_loss_equals_transformers_loss_on_a_fixed_batch(tiny):
@@ -126,6 +137,11 @@ def test_accumulation_equals_one_big_batch(tiny):
         assert torch.allclose(big.adapter[k], small.adapter[k], atol=1e-6), k
     assert big.num_examples == 6 and big.metrics["steps"] == 1
     assert any(not torch.equal(big.adapter[k], start[k]) for k in start)
+    # A token budget that splits the step into one micro-batch per example: the same update again
+    budget, _ = client.train(tiny, ins, exs, TrainConfig(**{**cfg.__dict__, "micro_batch_tokens": 1}), seed=1)
+    for k in big.adapter:
+        assert torch.allclose(big.adapter[k], budget.adapter[k], atol=1e-6), k
+    assert budget.metrics["train_loss"] == pytest.approx(big.metrics["train_loss"], rel=1e-6)
 
 
 def test_set_adapter_rejects_wrong_keys(tiny):

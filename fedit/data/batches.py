@@ -98,7 +98,25 @@ def plan_steps(n: int, batch_size: int, epochs: float, max_steps: int, rng: np.r
     return steps[:max_steps] if max_steps else steps
 
 
-def micro_batches(indices: list[int], examples: list[Example], micro_batch_size: int) -> list[list[int]]:
-    """Cut one step's examples into micro-batches of similar length (longest first)."""
+def micro_batches(indices: list[int], examples: list[Example], micro_batch_size: int, max_tokens: int = 0,
+                  packed: bool = True) -> list[list[int]]:
+    """Cut one step's examples into micro-batches of similar length (longest first): at most
+    ``micro_batch_size`` examples and, if ``max_tokens``, at most that many tokens as computed
+    (their sum packed; the longest times the count padded). Activation memory follows the
+    tokens of a micro-batch, so the budget bounds the peak whatever the lengths; an example
+    longer than the budget goes alone."""
     ordered = sorted(indices, key=lambda i: -len(examples[i].input_ids))
-    return [ordered[i:i + micro_batch_size] for i in range(0, len(ordered), micro_batch_size)]
+    out: list[list[int]] = []
+    cost = 0
+    for i in ordered:
+        n = len(examples[i].input_ids)
+        if out and len(out[-1]) < micro_batch_size:
+            # padded: every row costs the micro-batch's longest, its first example (longest first)
+            add = n if packed else len(examples[out[-1][0]].input_ids)
+            if not max_tokens or cost + add <= max_tokens:
+                out[-1].append(i)
+                cost += add
+                continue
+        out.append([i])
+        cost = n
+    return out
