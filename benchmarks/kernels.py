@@ -56,7 +56,7 @@ def attention(batch: int = 8, heads: int = 9, kv_heads: int = 3, head_dim: int =
 
 
 def dropout(shape=(8, 256, 576), p: float = 0.05) -> dict:
-    from fedit.model import FastDropout
+    from fedit.cpu_lora import FastDropout
 
     x = torch.randn(*shape, dtype=torch.bfloat16, requires_grad=True)
     grad = torch.randn(*shape, dtype=torch.bfloat16)
@@ -70,7 +70,7 @@ def lora_linear(shape=(8, 256, 576), out_features: int = 1536) -> dict:
 
     from peft import LoraConfig, get_peft_model
 
-    from fedit.model import _lora_linear_training_forward
+    from fedit.cpu_lora import _lora_linear_training_forward
 
     class One(torch.nn.Module):
         def __init__(self):

@@ -77,7 +77,7 @@ def naive_clients(model_name: str, client_examples: list, batch_size: int, micro
     from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer,
                               TrainingArguments)
 
-    from fedit.model import resolve_source
+    from fedit.weights import resolve_source
 
     source = resolve_source(model_name)
     tok = AutoTokenizer.from_pretrained(source)

@@ -19,8 +19,9 @@ import torch
 
 from fedit.config import TrainConfig
 from fedit.data.batches import Example, make_batch, micro_batches, plan_steps
-from fedit.loss import token_losses
-from fedit.model import Loaded, adapter_parameters, get_adapter, set_adapter
+from fedit.token_loss import token_losses
+from fedit.adapter import adapter_parameters, get_adapter, set_adapter
+from fedit.model import Loaded
 from fedit import hetero
 from fedit.protocol import ADAPTER, GLOBAL, Arrays, ClientAlgorithm, Failure, FitIns, Update
 

@@ -200,7 +200,8 @@ def method_config(cfg: Config, name: str, data: Datasets, runs: Path) -> Config:
 def reproduce(scale_name: str, data: str = DEFAULT_DATA, out: str | None = None, config_file: str | None = None,
               overrides: list[str] | tuple[str, ...] = (), questions: str | None = None, console=None) -> Path:
     from fedit import server
-    from fedit.model import attach_lora, load_adapter_file, load_base, set_adapter
+    from fedit.adapter import load_adapter_file, set_adapter
+    from fedit.model import attach_lora, load_base
 
     if scale_name not in SCALES:
         raise FeditError(f"--scale {scale_name!r}: choose one of {', '.join(SCALES)}")

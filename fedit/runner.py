@@ -23,9 +23,10 @@ from fedit.data.clients import ClientFiles
 from fedit.data.batches import Example, tokenize
 from fedit.data.records import load_records
 from fedit.errors import FeditError
-from fedit.evaluation.loss import heldout_loss
+from fedit.evaluation.heldout import heldout_loss
 from fedit.evaluation.plots import plot_loss
-from fedit.model import Adapter, Loaded, attach_lora, load_base, save_adapter
+from fedit.adapter import Adapter, save_adapter
+from fedit.model import Loaded, attach_lora, load_base
 from fedit.runtime.simulation import Simulation
 
 

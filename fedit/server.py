@@ -32,7 +32,7 @@ from fedit import hetero, reporting
 from fedit.checkpoint import atomic_write, atomic_write_json
 from fedit.config import Config
 from fedit.errors import FeditError
-from fedit.model import Adapter, load_adapter_file
+from fedit.adapter import Adapter, load_adapter_file
 from fedit.protocol import ADAPTER, Failure, FitIns, Update, nbytes
 from fedit.strategies import build as build_strategy
 

@@ -7,9 +7,10 @@ import torch.nn.functional as F
 from fedit import attention
 from fedit.config import LoraConfig, ModelConfig
 from fedit.data.batches import collate, tokenize
-from fedit.loss import token_losses
+from fedit.token_loss import token_losses
 from fedit.data.records import Record
-from fedit.model import FastDropout, attach_lora, load_base
+from fedit.cpu_lora import FastDropout
+from fedit.model import attach_lora, load_base
 
 RECS = [Record("Name a colour.", "", "Blue.", "open_qa"),
         Record("Is 2 even?", "", "Yes, 2 is even because it divides by two.", "closed_qa")]

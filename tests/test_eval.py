@@ -136,7 +136,8 @@ def test_eval_run_dir_against_base(tmp_path, tiny_model_dir, partition_dir, trai
 
 def test_greedy_answers_are_deterministic_and_ignore_train_mode(tmp_path, tiny_model_dir, partition_dir):
     from fedit.evaluation.evaluate import Settings, generate_answers
-    from fedit.model import attach_lora, load_base, set_adapter
+    from fedit.adapter import set_adapter
+    from fedit.model import attach_lora, load_base
     from fedit.config import LoraConfig, ModelConfig
 
     loaded = load_base(ModelConfig(name=str(tiny_model_dir), dtype="fp32", device="cpu"))

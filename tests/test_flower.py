@@ -24,7 +24,7 @@ import torch
 
 from fedit import runner, server
 from fedit.protocol import Failure, FitIns, Update
-from fedit.model import load_adapter_file
+from fedit.adapter import load_adapter_file
 from fedit.runtime import flower, flower_cli
 
 from conftest import ROOT, tiny_config

@@ -16,7 +16,8 @@ from fedit.data.prompts import prompt
 from fedit.errors import FeditError
 from fedit.inference import (ALPACA_STOPS, _stop_prefix_len, answer, cut_at_stop, describe_adapter, generate,
                              load_for_inference, resolve_adapter, stream)
-from fedit.model import attach_lora, get_adapter, load_base, save_adapter
+from fedit.adapter import get_adapter, save_adapter
+from fedit.model import attach_lora, load_base
 from fedit.cli import main
 from fedit.use_cli import read_prompts
 

@@ -10,7 +10,7 @@ import torch
 from fedit import config, hetero, runner, server
 from fedit.errors import FeditError
 from fedit.lowrank import dense_product
-from fedit.model import load_adapter_file
+from fedit.adapter import load_adapter_file
 from fedit.protocol import FitIns, Update
 
 from conftest import tiny_config

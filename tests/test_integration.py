@@ -12,7 +12,7 @@ import torch
 
 from fedit import runner, server
 from fedit.protocol import Update
-from fedit.model import load_adapter_file
+from fedit.adapter import load_adapter_file
 
 from conftest import ROOT, tiny_config
 
@@ -62,7 +62,7 @@ def test_final_adapter_opens_in_peft_and_matches(tmp_path, tiny_model_dir, parti
     peft_model = PeftModel.from_pretrained(base, run_dir / "adapter").eval()
     ids = torch.tensor([[1, 5, 9, 20, 33, 7]])
     prep.loaded.model.eval()
-    from fedit.model import set_adapter
+    from fedit.adapter import set_adapter
     set_adapter(prep.loaded.model, adapter)
     with torch.no_grad():
         ours = prep.loaded.model(input_ids=ids).logits

@@ -253,7 +253,7 @@ def _run(tmp_path, tiny_model_dir, partition_dir, name, strategy, rounds=3, **op
     cfg = tiny_config(tiny_model_dir, partition_dir, tmp_path / name,
                       federation={"rounds": rounds, "clients_per_round": 2, "strategy": strategy}, strategy=options)
     runner.run(cfg)
-    from fedit.model import load_adapter_file
+    from fedit.adapter import load_adapter_file
 
     return [load_adapter_file(tmp_path / name / "rounds" / f"round_{r:04d}") for r in range(rounds + 1)]
 

@@ -8,8 +8,10 @@ from fedit.config import TrainConfig
 from fedit.data.batches import IGNORE, collate, micro_batches, pack, plan_steps, tokenize
 from fedit.data.prompts import ALPACA_NO_INPUT, prompt
 from fedit.data.records import Record
-from fedit.loss import token_losses
-from fedit.model import ModelConfig, LoraConfig, attach_lora, get_adapter, load_base, set_adapter
+from fedit.token_loss import token_losses
+from fedit.adapter import get_adapter, set_adapter
+from fedit.config import ModelConfig, LoraConfig
+from fedit.model import attach_lora, load_base
 
 
 @pytest.fixture(scope="module")

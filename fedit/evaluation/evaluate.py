@@ -26,7 +26,7 @@ import torch
 from fedit.config import EvalConfig
 from fedit.data.batches import tokenize
 from fedit.data.prompts import prompt as make_prompt
-from fedit.evaluation.loss import heldout_loss
+from fedit.evaluation.heldout import heldout_loss
 from fedit.evaluation.questions import QuestionSet
 from fedit.inference import cut_at_stop, stops
 from fedit.model import Loaded

@@ -424,13 +424,13 @@ def serve(grid: Grid, rc: dict) -> Path:
                  row.get("rejected", []))
 
     def save(adapter, path: Path) -> None:
-        from fedit.model import save_adapter
+        from fedit.adapter import save_adapter
 
         save_adapter(loaded.model, adapter, path)
 
     evaluate = None
     if prep["test"] is not None:
-        from fedit.evaluation.loss import heldout_loss
+        from fedit.evaluation.heldout import heldout_loss
 
         def evaluate(adapter):
             return heldout_loss(loaded, prep["test"], adapter, cfg.eval.batch_size)

@@ -15,8 +15,9 @@ from collections import defaultdict
 import torch
 
 from fedit.data.batches import Example, make_batch
-from fedit.loss import token_losses
-from fedit.model import Adapter, Loaded, set_adapter
+from fedit.token_loss import token_losses
+from fedit.adapter import Adapter, set_adapter
+from fedit.model import Loaded
 
 
 @torch.no_grad()
