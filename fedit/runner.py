@@ -110,6 +110,8 @@ def run(cfg: Config | None, resume: str | None = None, console=None, loaded: Loa
     meta = run_metadata(cfg, prep.loaded)
     if sim.attackers:  # an experiment with simulated malicious clients says so in run.json
         meta["attack"] = {"kind": cfg.attack.kind, "factor": cfg.attack.factor, "clients": sorted(sim.attackers)}
+    if console is not None and "tensorboard" in cfg.run.report_to:
+        console.print(f"watch it: tensorboard --logdir {run_dir / 'tensorboard'}")
     with progress.live() if progress else _nothing():
         server.run(cfg, sim, run_dir, client_ids=prep.clients.ids, initial_adapter=prep.loaded.initial_adapter,
                    save_adapter=prep.save, evaluate=lambda a: prep.evaluate(a, cfg.eval.batch_size), resume=bool(resume),
