@@ -88,10 +88,10 @@ class TrainConfig:
     batch_size: int = _f(32, "Examples per optimizer step (the paper: 32).", min=1)
     micro_batch_size: int = _f(8, "Most examples per forward pass; the step's examples are accumulated over "
                                   "micro-batches.", min=1)
-    micro_batch_tokens: int = _f(1024, "Most tokens per forward pass (their sum when packed, the longest times the "
-                                       "count when padded): bounds the activation memory whatever the example "
-                                       "lengths; a longer example goes alone; 0: no bound. The step's maths is the "
-                                       "same either way.", min=0)
+    micro_batch_tokens: int = _f(1024, "Most tokens per forward pass, in training and held-out evaluation (their "
+                                       "sum when packed, the longest times the count when padded): bounds the "
+                                       "memory whatever the example lengths; a longer example goes alone; 0: no "
+                                       "bound. The step's maths is the same either way.", min=0)
     local_epochs: float = _f(1.0, "Passes over the client's data per round (the paper: 1).", min=0.0, exclusive_min=True)
     max_steps: int = _f(0, "Cap on optimizer steps per client and round; 0 means no cap.", min=0)
     cutoff_len: int = _f(512, "Tokens per example after truncation (the paper: 512).", min=8)

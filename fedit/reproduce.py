@@ -237,7 +237,7 @@ def reproduce(scale_name: str, data: str = DEFAULT_DATA, out: str | None = None,
         train_seconds[name] = round(time.perf_counter() - t0, 1)
 
     settings = Settings.from_config(cfg.eval, cfg.data.template, cfg.train.cutoff_len, cfg.train.train_on_inputs,
-                                    cfg.federation.seed)
+                                    cfg.federation.seed, cfg.train.micro_batch_tokens)
     test = load_questions(ds.test_file)
     sets = {"test": test} | ({"questions": qfile} if qfile else {})
     results: dict[str, dict[str, dict]] = {k: {} for k in sets}

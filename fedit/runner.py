@@ -37,8 +37,8 @@ class Prepared:
     test: list[Example]
     data_sha256: str
 
-    def evaluate(self, adapter: Adapter, batch_size: int) -> dict:
-        return heldout_loss(self.loaded, self.test, adapter, batch_size)
+    def evaluate(self, adapter: Adapter, cfg: Config) -> dict:
+        return heldout_loss(self.loaded, self.test, adapter, cfg.eval.batch_size, cfg.train.micro_batch_tokens)
 
     def save(self, adapter: Adapter, path: Path) -> None:
         save_adapter(self.loaded.model, adapter, path)
@@ -114,7 +114,7 @@ def run(cfg: Config | None, resume: str | None = None, console=None, loaded: Loa
         console.print(f"watch it: tensorboard --logdir {run_dir / 'tensorboard'}")
     with progress.live() if progress else _nothing():
         server.run(cfg, sim, run_dir, client_ids=prep.clients.ids, initial_adapter=prep.loaded.initial_adapter,
-                   save_adapter=prep.save, evaluate=lambda a: prep.evaluate(a, cfg.eval.batch_size), resume=bool(resume),
+                   save_adapter=prep.save, evaluate=lambda a: prep.evaluate(a, cfg), resume=bool(resume),
                    hooks=progress.hooks() if progress else None, meta=meta,
                    client_sizes={c["id"]: c["examples"] for c in prep.clients.manifest["clients"]},
                    data_sha256=prep.data_sha256)

@@ -153,3 +153,17 @@ def test_set_adapter_rejects_wrong_keys(tiny):
     with pytest.raises(ValueError, match="missing"):
         set_adapter(tiny.model, bad)
     set_adapter(tiny.model, state)  # the right keys load
+
+
+def test_heldout_loss_is_the_same_under_a_token_budget(tiny):
+    """The budget only changes how many examples share a forward pass: every example's loss is kept."""
+    from fedit.evaluation.heldout import heldout_loss
+
+    exs = tokenize(RECS * 3, tiny.tokenizer, cutoff_len=512)
+    whole = heldout_loss(tiny, exs, batch_size=8)
+    split = heldout_loss(tiny, exs, batch_size=8, max_tokens=max(len(e.input_ids) for e in exs))
+    assert split["loss"] == pytest.approx(whole["loss"], rel=1e-5)
+    assert [n for _, n in split["examples"]] == [n for _, n in whole["examples"]]
+    assert [s for s, _ in split["examples"]] == pytest.approx([s for s, _ in whole["examples"]], rel=1e-5)
+    # hand check: the overall loss is the token-weighted mean of the examples' losses
+    assert whole["loss"] == pytest.approx(sum(s for s, _ in whole["examples"]) / sum(n for _, n in whole["examples"]))

@@ -60,6 +60,7 @@ class Settings:
     cutoff_len: int = 512
     train_on_inputs: bool = False
     batch_size: int = 8
+    batch_tokens: int = 1024  # most tokens per forward pass of the held-out loss (train.micro_batch_tokens)
     max_new_tokens: int = 128
     do_sample: bool = False
     temperature: float = 0.7
@@ -68,9 +69,9 @@ class Settings:
 
     @classmethod
     def from_config(cls, ecfg: EvalConfig, template: str, cutoff_len: int, train_on_inputs: bool,
-                    seed: int) -> "Settings":
+                    seed: int, batch_tokens: int = 1024) -> "Settings":
         return cls(template=template, cutoff_len=cutoff_len, train_on_inputs=train_on_inputs,
-                   batch_size=ecfg.batch_size, max_new_tokens=ecfg.max_new_tokens, do_sample=ecfg.do_sample,
+                   batch_size=ecfg.batch_size, batch_tokens=batch_tokens, max_new_tokens=ecfg.max_new_tokens, do_sample=ecfg.do_sample,
                    temperature=ecfg.temperature, top_p=ecfg.top_p, seed=seed)
 
     def to_dict(self) -> dict:
@@ -125,7 +126,7 @@ def evaluate_active(loaded: Loaded, qset: QuestionSet, s: Settings, name: str = 
         t0 = time.perf_counter()
         examples = tokenize([q.record() for q in qset.questions], loaded.tokenizer, s.cutoff_len,
                             s.train_on_inputs, s.template)
-        loss = heldout_loss(loaded, examples, None, s.batch_size)
+        loss = heldout_loss(loaded, examples, None, s.batch_size, s.batch_tokens)
         loss["perplexity_by_category"] = {c: math.exp(min(v, 50.0)) for c, v in loss["by_category"].items()}
         result["loss"] = loss
         result["seconds_loss"] = round(time.perf_counter() - t0, 3)

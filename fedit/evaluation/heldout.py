@@ -14,7 +14,7 @@ from collections import defaultdict
 
 import torch
 
-from fedit.data.batches import Example, make_batch
+from fedit.data.batches import Example, make_batch, micro_batches
 from fedit.token_loss import token_losses
 from fedit.adapter import Adapter, set_adapter
 from fedit.model import Loaded
@@ -22,7 +22,9 @@ from fedit.model import Loaded
 
 @torch.no_grad()
 def heldout_loss(loaded: Loaded, examples: list[Example], adapter: Adapter | None = None,
-                 batch_size: int = 8) -> dict:
+                 batch_size: int = 8, max_tokens: int = 0) -> dict:
+    """``batch_size`` examples and, if ``max_tokens``, at most that many tokens per forward pass
+    (train.micro_batch_tokens: the LM head's fp32 logits make memory grow with the tokens)."""
     model = loaded.model
     if adapter is not None:
         set_adapter(model, adapter)
@@ -32,9 +34,7 @@ def heldout_loss(loaded: Loaded, examples: list[Example], adapter: Adapter | Non
     counts: dict[str, int] = defaultdict(int)
     per_example: list[list] = [[0.0, 0]] * len(examples)
     # Longest first keeps padding low and the peak memory at the start.
-    order = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
+    for idx in micro_batches(list(range(len(examples))), examples, batch_size, max_tokens, loaded.packed):
         chunk = [examples[i] for i in idx]
         batch = make_batch(chunk, loaded.tokenizer.pad_token_id, loaded.packed, loaded.device)
         with loaded.autocast():

@@ -72,7 +72,7 @@ def run_eval(adapter: str, data: str, cfg: Config, *, baseline: str | None = Non
     # Loss and prompts must match training: template, cutoff and masking come from the run.
     ref = cand_cfg or base_cfg or cfg
     settings = Settings.from_config(cfg.eval, ref.data.template, ref.train.cutoff_len, ref.train.train_on_inputs,
-                                    cfg.federation.seed)
+                                    cfg.federation.seed, cfg.train.micro_batch_tokens)
     qset = load_questions(data, limit=cfg.judge.questions, seed=cfg.judge.seed)
     qset = subset(qset, limit, cfg.federation.seed) if qset.has_references else qset
     if qset.skipped:

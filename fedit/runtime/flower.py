@@ -433,7 +433,7 @@ def serve(grid: Grid, rc: dict) -> Path:
         from fedit.evaluation.heldout import heldout_loss
 
         def evaluate(adapter):
-            return heldout_loss(loaded, prep["test"], adapter, cfg.eval.batch_size)
+            return heldout_loss(loaded, prep["test"], adapter, cfg.eval.batch_size, cfg.train.micro_batch_tokens)
 
     # A client may claim no more examples than its partition holds, where the server has the manifest;
     # elsewhere federation.max_examples caps every client.
