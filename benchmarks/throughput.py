@@ -71,11 +71,8 @@ DOLLY = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dolly"
 
 def naive_clients(model_name: str, client_examples: list, batch_size: int, micro: int, lr: float,
                   lora_cfg) -> dict:
-    """The paper repo's way: a new Trainer per client, fp32, pad to longest, torch.save adapters."""
-    from datasets import Dataset
-    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
-    from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer,
-                              TrainingArguments)
+    """The paper repo's way on this CPU: a new Trainer per client, fp32, pad to longest, torch.save adapters."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from fedit.weights import resolve_source
 
@@ -83,25 +80,54 @@ def naive_clients(model_name: str, client_examples: list, batch_size: int, micro
     tok = AutoTokenizer.from_pretrained(source)
     tok.pad_token = tok.pad_token or tok.eos_token
     base = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    result = naive_loop(base, tok, client_examples, batch_size, micro, lr, lora_cfg)
+    del base
+    gc.collect()
+    return result
+
+
+def naive_loop(base, tok, client_examples: list, batch_size: int, micro: int, lr: float, lora_cfg, *,
+               bf16: bool = False, checkpointing: bool = False, warmup: bool = False) -> dict:
+    """The paper repo's client loop around ``base`` (on its device): LoRA through get_peft_model, a new
+    transformers Trainer per client, micro-batches padded to their longest (DataCollatorForSeq2Seq),
+    each client's adapter written with torch.save and read back for aggregation. ``bf16``: Trainer's
+    bf16 autocast (on a GPU; the paper's fp16 AMP on an 8-bit base needs bitsandbytes); ``checkpointing``:
+    what the paper repo's prepare_model_for_int8_training turns on. ``warmup``: one untimed micro-batch
+    first (CUDA's first calls). ``base`` comes back without LoRA layers, reusable."""
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+    on_cpu = base.device.type == "cpu"
     torch.manual_seed(0)
     model = get_peft_model(base, LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
                                             target_modules="all-linear", task_type="CAUSAL_LM"))
     global_state = {k: v.clone() for k, v in get_peft_model_state_dict(model).items()}
     tokens = train_seconds = 0.0
+
+    def trainer_for(exs, out_dir, seed, steps_of: int):
+        # A plain list is a dataset to Trainer: no dependency on the datasets package (absent on the GPU machine).
+        ds = [{"input_ids": e.input_ids, "attention_mask": [1] * len(e.input_ids), "labels": e.labels} for e in exs]
+        args = TrainingArguments(output_dir=out_dir, per_device_train_batch_size=micro,
+                                 gradient_accumulation_steps=steps_of, num_train_epochs=1,
+                                 learning_rate=lr, report_to=[], save_strategy="no", logging_strategy="no",
+                                 use_cpu=on_cpu, bf16=bf16, gradient_checkpointing=checkpointing,
+                                 gradient_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None,
+                                 dataloader_num_workers=0, disable_tqdm=True, seed=seed)
+        return Trainer(model=model, args=args, train_dataset=ds,
+                       data_collator=DataCollatorForSeq2Seq(tok, padding="longest", return_tensors="pt"))
+
     with tempfile.TemporaryDirectory() as tmp:
+        if warmup:
+            trainer_for(client_examples[0][:micro], f"{tmp}/warmup", 0, 1).train()
+            set_peft_model_state_dict(model, global_state)
         paths = []
         for c, exs in enumerate(client_examples):
             set_peft_model_state_dict(model, global_state)
-            ds = Dataset.from_list([{"input_ids": e.input_ids, "attention_mask": [1] * len(e.input_ids),
-                                     "labels": e.labels} for e in exs])
-            args = TrainingArguments(output_dir=f"{tmp}/c{c}", per_device_train_batch_size=micro,
-                                     gradient_accumulation_steps=batch_size // micro, num_train_epochs=1,
-                                     learning_rate=lr, report_to=[], save_strategy="no", logging_strategy="no",
-                                     use_cpu=True, dataloader_num_workers=0, disable_tqdm=True, seed=c)
-            trainer = Trainer(model=model, args=args, train_dataset=ds,
-                              data_collator=DataCollatorForSeq2Seq(tok, padding="longest", return_tensors="pt"))
+            trainer = trainer_for(exs, f"{tmp}/c{c}", c, max(1, batch_size // micro))
+            _sync(base)
             t = time.perf_counter()
             trainer.train()
+            _sync(base)
             train_seconds += time.perf_counter() - t
             tokens += sum(len(e.input_ids) for e in exs)
             path = f"{tmp}/client{c}.bin"
@@ -117,23 +143,36 @@ def naive_clients(model_name: str, client_examples: list, batch_size: int, micro
             agg = {k: v * n / total for k, v in sd.items()} if agg is None else {k: agg[k] + v * n / total
                                                                                  for k, v in sd.items()}
         aggregate_seconds = time.perf_counter() - t
-    del model, base
+    if checkpointing:
+        from fedit.model import set_checkpointing
+
+        set_checkpointing(base, False)
+    model.unload()  # the LoRA layers out again: ``base`` is as it came
     gc.collect()
     return {"tokens": tokens, "train_seconds": train_seconds, "tokens_per_s": tokens / train_seconds,
             "aggregate_seconds": aggregate_seconds}
 
 
-def fedit_clients(loaded, client_examples: list, batch_size: int, micro: int, lr: float) -> dict:
+def _sync(model) -> None:
+    """Wait for the GPU's queued work, so wall-clock intervals hold all of it (a no-op on CPU)."""
+    if model.device.type == "cuda":
+        torch.cuda.synchronize(model.device)
+
+
+def fedit_clients(loaded, client_examples: list, batch_size: int, micro: int, lr: float,
+                  micro_tokens: int | None = None) -> dict:
+    """``micro_tokens``: train.micro_batch_tokens (None: fedit's default)."""
     from fedit import client
     from fedit.config import TrainConfig
     from fedit.protocol import GLOBAL, FitIns
 
-    cfg = TrainConfig(lr=lr, batch_size=batch_size, micro_batch_size=micro, local_epochs=1.0)
+    bound = {} if micro_tokens is None else {"micro_batch_tokens": micro_tokens}
+    cfg = TrainConfig(lr=lr, batch_size=batch_size, micro_batch_size=micro, local_epochs=1.0, **bound)
     tokens = seconds = 0.0
     labelled = 0
     # Warm-up on a few examples: first-call costs (oneDNN kernels) are not training throughput.
     client.train(loaded, FitIns(0, 0, {GLOBAL: loaded.initial_adapter}), client_examples[0][:micro], TrainConfig(
-        lr=lr, batch_size=micro, micro_batch_size=micro), seed=0)
+        lr=lr, batch_size=micro, micro_batch_size=micro, **bound), seed=0)
     for c, exs in enumerate(client_examples):
         t = time.perf_counter()
         client.train(loaded, FitIns(1, c, {GLOBAL: loaded.initial_adapter}), exs, cfg, seed=c)

@@ -52,6 +52,11 @@ def _bench(args: argparse.Namespace, console) -> None:
         raise FeditError(f"--protocol-rounds {args.protocol_rounds}: the paper's protocol has {paper_rounds} rounds; "
                          f"pass 0 to {paper_rounds}")
     sys.path.insert(0, str(root))
+    if args.device == "cuda":  # the GPU benchmark: naive vs fedit at 135M and 7B shapes (benchmarks/gpu.py)
+        from benchmarks import gpu
+
+        gpu.main(["--kit", args.kit, "--out", args.out, "--device", "cuda", "--time-budget", str(args.time_budget)])
+        return
     from benchmarks import bench
 
     bench.run(Path(args.out), quick=args.quick, model=args.model, skip_naive=args.skip_naive,
@@ -88,6 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
     pb.add_argument("--skip-naive", action="store_true", help="leave out the slow naive-loop baseline")
     pb.add_argument("--protocol-rounds", type=int, default=None, metavar="N",
                     help="run the first N of the paper protocol's 20 rounds (default 1, 0 with --quick; 20: all)")
+    pb.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                    help="cuda: the GPU benchmark instead (benchmarks/gpu.py; 135M and 7B shapes, random weights), "
+                         "reading --kit; docs/performance.md, 'GPU'")
+    pb.add_argument("--kit", default="gpu-kit", help="--device cuda: folder from `python -m benchmarks.gpu_prepare`")
+    pb.add_argument("--time-budget", type=float, default=420.0,
+                    help="--device cuda: seconds after which no case starts and a running one stops (default 420)")
 
     eval_cli.add_parsers(sub)
     use_cli.add_parsers(sub)

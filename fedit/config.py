@@ -60,6 +60,13 @@ class ModelConfig:
     gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass (less memory, slower).")
     quantize: str = _f("none", "Base weights in 'none', '8bit' or '4bit' (bitsandbytes, CUDA only).",
                        choices=("none", "8bit", "4bit"))
+    packing: str = _f("auto", "Micro-batch layout: 'packed' (a micro-batch's examples end to end in one row, position "
+                              "ids restarting in each, no padding), 'padded' (sorted by length, right-padded), or "
+                              "'auto' (packed where fedit's CPU attention runs, padded elsewhere, e.g. on CUDA).",
+                      choices=("auto", "packed", "padded"))
+    deterministic: bool = _f(False, "CUDA: deterministic kernels only (torch.use_deterministic_algorithms, "
+                                    "CUBLAS_WORKSPACE_CONFIG=:4096:8), so a resumed run repeats the same numbers; "
+                                    "slower. CPU training is deterministic without it.")
 
 
 @dataclass(frozen=True)

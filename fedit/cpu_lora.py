@@ -81,10 +81,11 @@ def _lora_linear_training_forward(self, x: torch.Tensor, *args, **kwargs) -> tor
     return fused.view(out.shape)
 
 
-def speed_up_lora_on_cpu(loaded) -> None:
-    """CPU-only changes to the LoRA layers that keep the maths and cut the time.
+def speed_up_lora_on_cpu(loaded, fast_dropout: bool = True) -> None:
+    """Changes to the LoRA layers that keep the maths and cut the time: on CPU always; on CUDA
+    only benchmarks/gpu.py applies them so far (its "lean LoRA" case, without FastDropout).
 
-    - dropout masks from FastDropout instead of torch's bernoulli_;
+    - dropout masks from FastDropout instead of torch's bernoulli_ (``fast_dropout``: a CPU cost);
     - no cast of each layer's input to the fp32 adapter dtype: under bf16 autocast the
       LoRA matmuls run in bf16 anyway, so the fp32 copy of every activation was pure cost;
     - the training forward of LoRA Linear layers with two full-activation passes fewer.
@@ -97,7 +98,7 @@ def speed_up_lora_on_cpu(loaded) -> None:
             if loaded.dtype == torch.bfloat16:
                 module.cast_input_dtype_enabled = False
             for name, drop in module.lora_dropout.items():
-                if isinstance(drop, torch.nn.Dropout):
+                if fast_dropout and isinstance(drop, torch.nn.Dropout):
                     module.lora_dropout[name] = FastDropout(drop.p)
         if type(module) is LoraLinear:
             module.forward = types.MethodType(_lora_linear_training_forward, module)

@@ -6,6 +6,7 @@ Clients differ only by the LoRA weights swapped in through the adapter door
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -47,26 +48,69 @@ def load_base(cfg: ModelConfig) -> Loaded:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=cfg.quantize == "4bit", load_in_8bit=cfg.quantize == "8bit",
             bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_type="nf4")
+        kwargs["device_map"] = {"": str(device)}  # bitsandbytes places its weights itself; no .to() after
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
         tok = AutoTokenizer.from_pretrained(source)
     except OSError as e:
         raise FeditError(f"could not load model {cfg.name!r} from {source}: {e}") from None
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    model.to(device)
+    return prepare(model, tok, cfg, device, dtype, str(source))
+
+
+def prepare(model, tokenizer, cfg: ModelConfig, device: torch.device, dtype: torch.dtype, source: str) -> Loaded:
+    """Everything after from_pretrained: device, checkpointing, attention, micro-batch layout, determinism.
+
+    Apart from load_base so that benchmarks can hand in random-weight models of real shapes
+    (benchmarks/shapes.py) and train them exactly as fedit trains a loaded one.
+    """
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if cfg.quantize == "none":
+        model.to(device)
     if cfg.gradient_checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+        set_checkpointing(model, True)
     model.config.use_cache = False
     # fedit's CPU attention: packed micro-batches, and the faster bf16 backward (fedit/attention.py).
-    packed = device.type == "cpu" and dtype in (torch.bfloat16, torch.float32) and \
+    cpu_attention = device.type == "cpu" and dtype in (torch.bfloat16, torch.float32) and \
         model.config._attn_implementation == "sdpa"
-    if packed:
+    if cpu_attention:
         from fedit import attention
 
         model.set_attn_implementation(attention.NAME)
-    return Loaded(model=model, tokenizer=tok, device=device, dtype=dtype, source=str(source), packed=packed)
+    # Elsewhere (CUDA) packing is an option: transformers' attention reads the restarting position
+    # ids as example boundaries (a block-diagonal mask for SDPA and eager, varlen for flash attention).
+    packed = cpu_attention if cfg.packing == "auto" else cfg.packing == "packed"
+    if cfg.deterministic and device.type == "cuda":
+        use_deterministic(True)
+    return Loaded(model=model, tokenizer=tokenizer, device=device, dtype=dtype, source=source, packed=packed)
+
+
+def set_checkpointing(model, on: bool) -> None:
+    """Activation checkpointing on or off (transformers renamed it after 5.17; both names work)."""
+    if on:
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        model.enable_input_require_grads()
+    else:
+        (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
+        model.disable_input_require_grads()
+
+
+def use_deterministic(on: bool) -> None:
+    """Only deterministic CUDA kernels from here on (process-wide), or the default kernels again.
+
+    What changes: the flash / memory-efficient attention backward accumulates in a fixed order
+    instead of with atomics, cuBLAS uses a fixed workspace (CUBLAS_WORKSPACE_CONFIG, read when
+    cuBLAS starts: set it before the first CUDA matmul, as load_base does), and an operation
+    without a deterministic CUDA kernel raises instead of running. Training on a CPU is
+    deterministic without any of this.
+    """
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(on)
 
 
 def attach_lora(loaded: Loaded, cfg: LoraConfig, seed: int) -> None:

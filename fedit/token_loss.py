@@ -24,7 +24,8 @@ def token_losses(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, t
     # Padded batches are right-padded, so under the causal mask no real token can see a pad:
     # the padding mask changes nothing the loss reads, and without it attention takes the
     # fused causal kernel (its backward was a fifth of a training step with the mask).
-    hidden = base.get_decoder()(input_ids=batch["input_ids"], **kwargs).last_hidden_state
+    # use_cache=False: with a KV cache transformers would not read packed position ids as example boundaries.
+    hidden = base.get_decoder()(input_ids=batch["input_ids"], use_cache=False, **kwargs).last_hidden_state
     keep = batch["targets"] != IGNORE
     logits = base.get_output_embeddings()(hidden[keep]).float()
     return F.cross_entropy(logits, batch["targets"][keep], reduction="none"), batch["rows"][keep]
