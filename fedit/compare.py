@@ -154,10 +154,13 @@ def summarise(runs: Path, strategies: list[str], configs: dict[str, Config], sca
     central = _rounds(runs / "centralized")
     base, central_final = central[0]["eval"], central[-1]["eval"]
     rows = {}
+    fedavg = _rounds(runs / "fedavg")[-1]["eval"] if "fedavg" in strategies else None
     for name in strategies:
         rounds = _rounds(runs / name)
         final = rounds[-1]["eval"]
         gap, lo, hi = bootstrap_gap(final["examples"], central_final["examples"])
+        # the question a researcher asks: did it beat FedAvg? (paired on the same records)
+        vs = bootstrap_gap(final["examples"], fedavg["examples"]) if fedavg and name != "fedavg" else None
         clients = server.RunDir(runs / name).events("client")
         done = [r for r in rounds if r["round"] > 0]
         rows[name] = {
@@ -165,6 +168,9 @@ def summarise(runs: Path, strategies: list[str], configs: dict[str, Config], sca
             "curve": [[r["round"], r["eval"]["loss"]] for r in rounds],
             "loss": final["loss"], "by_category": final["by_category"],
             "gap": gap, "gap_low": lo, "gap_high": hi,
+            "vs_fedavg": list(vs) if vs else None,
+            "vs_fedavg_by_category": {c: v / fedavg["by_category"][c] - 1 for c, v in final["by_category"].items()
+                                      if c in fedavg["by_category"]} if vs else None,
             "vs_base": final["loss"] / base["loss"] - 1,
             "bytes_per_round": sum((c.get("bytes_down") or 0) + (c.get("bytes_up") or 0) for c in clients
                                    if c.get("accepted")) / max(1, len(done)),
@@ -180,14 +186,18 @@ def summarise(runs: Path, strategies: list[str], configs: dict[str, Config], sca
 def markdown(res: dict) -> str:
     cats = sorted(res["base"]["by_category"])
     short = {c: c.replace("_", " ") for c in cats}
-    head = ["method", "held-out loss", "gap to Centralized (95% CI)", *[short[c] for c in cats], "MB per round"]
-    rows = [["base (untuned)", report.fmt(res["base"]["loss"]), "", *[report.fmt(res["base"]["by_category"][c], 3)
-                                                                       for c in cats], ""],
-            ["centralized", report.fmt(res["centralized"]["loss"]), "",
+    vs_head = ["vs FedAvg (95% CI)"] if any(r["vs_fedavg"] for r in res["strategies"].values()) else []
+    head = ["method", "held-out loss", "gap to Centralized (95% CI)", *vs_head, *[short[c] for c in cats],
+            "MB per round"]
+    pad = [""] * len(vs_head)
+    ci = lambda g, lo, hi: f"{100 * g:+.2f}% ({100 * lo:+.2f}, {100 * hi:+.2f})"  # noqa: E731
+    rows = [["base (untuned)", report.fmt(res["base"]["loss"]), "", *pad,
+             *[report.fmt(res["base"]["by_category"][c], 3) for c in cats], ""],
+            ["centralized", report.fmt(res["centralized"]["loss"]), "", *pad,
              *[report.fmt(res["centralized"]["by_category"].get(c, float("nan")), 3) for c in cats], ""]]
     for name, r in res["strategies"].items():
-        rows.append([name, report.fmt(r["loss"]),
-                     f"{100 * r['gap']:+.2f}% ({100 * r['gap_low']:+.2f}, {100 * r['gap_high']:+.2f})",
+        vs = [ci(*r["vs_fedavg"]) if r["vs_fedavg"] else ""] if vs_head else []
+        rows.append([name, report.fmt(r["loss"]), ci(r["gap"], r["gap_low"], r["gap_high"]), *vs,
                      *[report.fmt(r["by_category"].get(c, float("nan")), 3) for c in cats],
                      f"{r['bytes_per_round'] / 2**20:.1f}"])
     c = res["config"]
@@ -201,8 +211,9 @@ def markdown(res: dict) -> str:
         f"{c['federation']['rounds']} rounds x {c['federation']['clients_per_round']} clients, batch "
         f"{c['train']['batch_size']}, lr {c['train']['lr']:g}, training cutoff {c['train']['cutoff_len']}, "
         f"LoRA r={c['lora']['r']}; seed {c['federation']['seed']}; total {res['seconds'] / 60:.1f} min.", "",
-        "Held-out loss per response token after the last round (lower is better); the gap is relative to "
-        "Centralized, with a 95% paired bootstrap interval over the held-out records.", "",
+        "Held-out loss per response token after the last round (lower is better); the gaps are relative to "
+        "Centralized and to FedAvg (negative: lower loss than it), each with a 95% paired bootstrap interval "
+        "over the held-out records.", "",
         report.table(head, rows), "", "Options each strategy ran with:", "", *opts, "",
         "Held-out loss per round: ![compare](compare.png)", ""])
 

@@ -58,6 +58,17 @@ def test_smoke_comparison(tmp_path, tiny_model_dir, records_file):
         assert r["gap"] == pytest.approx(last["loss"] / res["centralized"]["loss"] - 1)
         assert [x for x, _ in r["curve"]] == [0, 1, 2]
     assert res["strategies"]["fedprox"]["options"] == {"proximal_mu": 0.5, "server_learning_rate": 1.0}
+    # each strategy against FedAvg, paired on the same records; FedAvg has no row against itself
+    fedavg_last = server.RunDir(runs / "fedavg").events("round")[-1]["eval"]
+    assert res["strategies"]["fedavg"]["vs_fedavg"] is None
+    for name in ("fedprox", "scaffold"):
+        gap, lo, hi = res["strategies"][name]["vs_fedavg"]
+        # (the per-record sums are rounded to 1e-6, so a gap near zero matches to 1e-6, not relatively)
+        assert gap == pytest.approx(res["strategies"][name]["loss"] / fedavg_last["loss"] - 1, abs=1e-6)
+        assert lo <= gap <= hi
+        by = res["strategies"][name]["vs_fedavg_by_category"]
+        assert by["open_qa"] == pytest.approx(res["strategies"][name]["by_category"]["open_qa"]
+                                              / fedavg_last["by_category"]["open_qa"] - 1)
     # SCAFFOLD's control variates double the bytes of a round
     assert res["strategies"]["scaffold"]["bytes_per_round"] == 2 * res["strategies"]["fedavg"]["bytes_per_round"]
     # the held-out records are scored at the evaluation cutoff (256), not the training one (128)
