@@ -1,8 +1,8 @@
 """`fedit bench`: every performance measurement in one run, as JSON and a markdown table.
 
-    fedit bench --out bench-results          # ~35 minutes on 2 CPU cores
+    fedit bench --out bench-results          # ~45 minutes on 2 CPU cores (its protocol round twice: with and without the token bound)
     fedit bench --quick --out bench-results  # fewer examples, no 1,000-client run, no protocol round
-    fedit bench --protocol-rounds 20         # and the paper's whole protocol (hours)
+    fedit bench --protocol-rounds 20         # and the paper's whole protocol, twice (hours)
 
 Ratios are the point: the naive loop and fedit are measured in the same run on the
 same examples. Absolute figures depend on the machine, which the report names.
