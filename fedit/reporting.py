@@ -96,8 +96,12 @@ class WandB:
         id_file.parent.mkdir(parents=True, exist_ok=True)
         run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(6)
         id_file.write_text(run_id)
-        self.run = wandb.init(project=project, id=run_id, name=run_dir.name, dir=str(run_dir), config=config,
-                              resume="allow")
+        try:
+            self.run = wandb.init(project=project, id=run_id, name=run_dir.name, dir=str(run_dir), config=config,
+                                  resume="allow")
+        except Exception as e:  # no network, no login: say what to do before any training starts
+            raise FeditError(f"Weights & Biases could not start ({type(e).__name__}: {e}); log in with `wandb "
+                             f"login`, or set WANDB_MODE=offline, or drop 'wandb' from run.report_to") from None
 
     def log(self, step: int, values: dict[str, float]) -> None:
         self.run.log(values, step=step)

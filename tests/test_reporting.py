@@ -97,3 +97,14 @@ def test_report_to_is_checked():
         config.load(None, ["run.report_to=['mlflow']"])
     assert config.load(None, ["run.report_to=[]"]).run.report_to == ()
     assert config.load(None, []).run.report_to == ("tensorboard",)  # watching is on by default
+
+
+def test_wandb_that_cannot_start_is_one_clear_message(tmp_path, monkeypatch):
+    import wandb
+
+    def refuse(**kw):
+        raise RuntimeError("api_key not configured (no-tty)")
+
+    monkeypatch.setattr(wandb, "init", refuse)
+    with pytest.raises(FeditError, match=r"Weights & Biases could not start \(RuntimeError: api_key not configured"):
+        reporting.open_reporters(("wandb",), tmp_path)
