@@ -203,3 +203,17 @@ def _tokenizer(model_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(model_dir)
+
+
+def test_onednn_kernel_cache_is_bounded_unless_the_user_set_it():
+    """fedit.device bounds oneDNN's kernel cache (it grew by ~0.4 GB per client); a user's own value wins."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import os, fedit.device; print(os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'])"
+    env = {k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
+    run = lambda e: subprocess.run([sys.executable, "-c", code], env=e, capture_output=True,  # noqa: E731
+                                   text=True).stdout.strip()
+    assert run(env) == "128"
+    assert run({**env, "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "7"}) == "7"
