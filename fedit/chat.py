@@ -54,7 +54,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from typing import Callable, Iterator, Sequence, TextIO
 
-from fedit.data.prompts import ALPACA_NO_INPUT
+from fedit.data.prompts import ALPACA_NO_INPUT, chat_text
 from fedit.errors import FeditError
 from fedit.inference import generate, stops, stream
 
@@ -73,13 +73,9 @@ def alpaca_chat_prompt(history: Sequence[Turn], message: str) -> str:
 
 
 def chat_template_prompt(history: Sequence[Turn], message: str, tokenizer) -> str:
-    if not getattr(tokenizer, "chat_template", None):
-        raise FeditError("the 'chat' template needs a tokenizer with a chat template; use --template alpaca")
-    messages = []
-    for u, a in history:
-        messages += [{"role": "user", "content": u}, {"role": "assistant", "content": a}]
-    messages.append({"role": "user", "content": message})
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    """The model's chat template over the turns: as training renders conversations (fedit/data/prompts.py)."""
+    turns = [(role, text) for u, a in history for role, text in (("user", u), ("assistant", a))]
+    return chat_text(tokenizer, [*turns, ("user", message)], generation_prompt=True)
 
 
 @dataclass

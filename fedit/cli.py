@@ -8,6 +8,7 @@ import os
 import sys
 
 from fedit import use_cli
+from fedit.config import DataConfig
 from fedit.errors import FeditError
 from fedit.evaluation import cli as eval_cli
 from fedit.runtime import flower_cli
@@ -18,7 +19,7 @@ def _partition(args: argparse.Namespace, console) -> None:
 
     m, loaded = partition.make(args.data, args.out, clients=args.clients, scheme=args.scheme, alpha=args.alpha,
                                min_size=args.min_size, test_per_category=args.test_per_category, seed=args.seed,
-                               fields=args.fields or "", split_name=args.split)
+                               fields=args.fields, split_name=args.split, by=args.by, label=args.label)
     for line in partition.describe(m, loaded):
         console.print(line)
     console.print(f"wrote {args.out}/ (client_*.jsonl, test.jsonl, manifest.json, heterogeneity.png)")
@@ -67,17 +68,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedit", description="Federated instruction tuning (FedIT) of LLMs with LoRA.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    pp = sub.add_parser("partition", help="split instruction data into a test set and N client files")
+    d = DataConfig()  # the defaults of `fedit run`'s data.* keys, which are the same options
+    pp = sub.add_parser("partition", help="split instruction data or conversations into a test set and client files")
     pp.add_argument("--data", required=True, help="JSON/JSONL file or Hugging Face hub dataset id")
-    pp.add_argument("--clients", type=int, default=100, help="number of clients (default 100)")
-    pp.add_argument("--scheme", default="dirichlet", choices=("iid", "shards", "dirichlet", "quantity"))
-    pp.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration (dirichlet, quantity)")
-    pp.add_argument("--min-size", type=int, default=None,
-                    help="minimum records per client (dirichlet, quantity; default min(40, train/clients/2))")
-    pp.add_argument("--test-per-category", type=int, default=10, help="held-out records per category (default 10)")
-    pp.add_argument("--seed", type=int, default=42)
-    pp.add_argument("--fields", default=None, help="field mapping, e.g. instruction=prompt,response=answer")
-    pp.add_argument("--split", default="train", help="split of a hub dataset (default train)")
+    pp.add_argument("--clients", type=int, default=d.clients, help=f"number of clients (default {d.clients})")
+    pp.add_argument("--scheme", default=d.scheme, choices=("iid", "shards", "dirichlet", "quantity"))
+    pp.add_argument("--alpha", type=float, default=d.alpha, help="Dirichlet concentration (dirichlet, quantity)")
+    pp.add_argument("--by", default=d.by, metavar="FIELD",
+                    help="natural clients: one per value of FIELD (e.g. user); --clients and --scheme are not used")
+    pp.add_argument("--label", default=d.label, metavar="FIELD",
+                    help="the field that is each record's category (default: category)")
+    pp.add_argument("--min-size", type=int, default=d.min_size,
+                    help="minimum records per client (dirichlet, quantity; default min(40, train/clients/2)); "
+                         "with --by, smaller clients are left out (default 1)")
+    pp.add_argument("--test-per-category", type=int, default=d.test_per_category,
+                    help=f"held-out records per category (default {d.test_per_category})")
+    pp.add_argument("--seed", type=int, default=d.seed)
+    pp.add_argument("--fields", default=d.fields, help="field mapping, e.g. instruction=prompt,response=answer")
+    pp.add_argument("--split", default=d.split, help=f"split of a hub dataset (default {d.split})")
     pp.add_argument("--out", required=True, help="output directory")
 
     pr = sub.add_parser("run", help="federated LoRA instruction tuning, in-process")

@@ -43,6 +43,10 @@ class DataConfig:
                           "less when clients are small.", min=0)
     test_per_category: int = _f(10, "Partition: held-out records per category (the paper's test set: 10).", min=1)
     seed: int = _f(42, "Partition: seed of the hold-out and the split.", min=0)
+    by: str = _f("", "Partition: natural clients, one per value of this field of the records (e.g. 'user'); "
+                     "data.clients and data.scheme are then not used, data.min_size leaves out smaller clients.")
+    label: str = _f("category", "Partition: the field that is each record's category (hold-out, dirichlet, shards, "
+                                "per-category evaluation).")
     fields: str = _f("", "Partition: field names of your records, e.g. 'instruction=prompt,response=answer'; "
                          "empty: Dolly's and Alpaca's are recognised.")
     split: str = _f("train", "Partition: split of a hub dataset.")

@@ -58,7 +58,7 @@ def test_question_file_errors(tmp_path):
     with pytest.raises(FeditError, match="does not exist.*--data"):
         load_questions(tmp_path / "missing.jsonl")
     bad = write_jsonl(tmp_path / "bad.jsonl", ['{"foo": 1}', "not json"])
-    with pytest.raises(FeditError, match="no usable instruction records"):
+    with pytest.raises(FeditError, match="no usable records"):
         load_questions(bad)
 
 

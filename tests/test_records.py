@@ -59,7 +59,7 @@ def test_unusable_inputs_are_one_clear_error(tmp_path):
     with pytest.raises(FeditError, match="not valid JSON"):
         load_records(broken)
     empty = write_jsonl(tmp_path / "empty.jsonl", [{"instruction": "", "response": ""}])
-    with pytest.raises(FeditError, match="no usable instruction records"):
+    with pytest.raises(FeditError, match="no usable records"):
         load_records(empty)
     with pytest.raises(FeditError, match="is a directory"):
         load_records(tmp_path)

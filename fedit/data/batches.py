@@ -1,5 +1,18 @@
 """Tokenize records, mask labels, and group examples into micro-batches.
 
+What the loss covers. ``alpaca``: the response and EOS; prompt and response are tokenized as
+one text and the prompt's tokens masked (as the paper's repository does: the tokens at the
+boundary are the ones the full text gives, not a separate tokenization's). ``chat``: every
+assistant turn of the conversation as the model's chat template renders it, from the end
+of the template's assistant header to the end of the turn, its end-of-turn marker included
+(the model learns to stop); system and user turns and the headers are masked.
+
+Length. An example longer than ``cutoff_len`` tokens: a conversation first loses its oldest
+whole exchanges (a user turn and its answer; the system turn stays), until it fits or one
+exchange is left; what still does not fit is cut at the end, as an instruction row is. A turn's
+header is never cut from its content except at that final cut; ``Example.dropped_turns`` and
+``Example.cut`` record what was done, and ``shortening`` counts it for the reports.
+
 An optimizer step sees ``batch_size`` examples drawn in random order, exactly as
 a naive loop would; only inside a step are the examples sorted by length before
 they are cut into micro-batches. A micro-batch is either right-padded to its
@@ -16,8 +29,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fedit.data.prompts import record_prompt
-from fedit.data.records import Record
+from fedit.data.prompts import chat_text, check_template, record_prompt, turns
+from fedit.data.records import Record, Turn
+from fedit.errors import FeditError
 
 IGNORE = -100
 
@@ -27,6 +41,8 @@ class Example:
     input_ids: list[int]
     labels: list[int]
     category: str
+    dropped_turns: int = 0  # oldest turns left out to fit cutoff_len (conversations)
+    cut: bool = False  # still longer than cutoff_len: cut at the end
 
     @property
     def trained_tokens(self) -> int:
@@ -36,17 +52,73 @@ class Example:
 
 def tokenize(records: list[Record], tokenizer, cutoff_len: int, train_on_inputs: bool = False,
              template: str = "alpaca") -> list[Example]:
-    """prompt + response + EOS, truncated to ``cutoff_len``; prompt labels masked unless ``train_on_inputs``."""
-    prompts = [record_prompt(r, template, tokenizer) for r in records]
-    p_ids = tokenizer(prompts, add_special_tokens=True)["input_ids"]
-    r_ids = tokenizer([r.response for r in records], add_special_tokens=False)["input_ids"]
+    """Token ids and labels of each record under ``template``; see the module docstring for what
+    is labelled and how an example is fitted to ``cutoff_len``."""
+    check_template(template, tokenizer)
+    if template == "chat":
+        return [_chat_example(r, tokenizer, cutoff_len, train_on_inputs) for r in records]
+    prompts = [record_prompt(r, template) for r in records]
+    p_len = [len(p) for p in tokenizer(prompts, add_special_tokens=True)["input_ids"]]
+    full = tokenizer([p + r.response for p, r in zip(prompts, records)], add_special_tokens=True)["input_ids"]
     eos = tokenizer.eos_token_id
     out = []
-    for r, p, a in zip(records, p_ids, r_ids):
-        ids = (p + a + [eos])[:cutoff_len]
-        labels = list(ids) if train_on_inputs else ([IGNORE] * len(p) + a + [eos])[:cutoff_len]
-        out.append(Example(ids, labels, r.category))
+    for r, ids, n in zip(records, full, p_len):
+        ids = ids + [eos]
+        labels = list(ids) if train_on_inputs else [IGNORE] * n + ids[n:]
+        out.append(Example(ids[:cutoff_len], labels[:cutoff_len], r.category, cut=len(ids) > cutoff_len))
     return out
+
+
+def _chat_example(r: Record, tokenizer, cutoff_len: int, train_on_inputs: bool) -> Example:
+    conv = turns(r)
+    first = 1 if conv[0][0] == "system" else 0
+    exchanges = [i for i in range(first, len(conv)) if conv[i][0] == "user"]
+    for k, start in enumerate(exchanges):
+        ids, labels = chat_tokens(tokenizer, conv[:first] + conv[start:], train_on_inputs)
+        if len(ids) <= cutoff_len or k == len(exchanges) - 1:
+            return Example(ids[:cutoff_len], labels[:cutoff_len], r.category, dropped_turns=start - first,
+                           cut=len(ids) > cutoff_len)
+    raise AssertionError("unreachable: a conversation has an exchange")
+
+
+def chat_tokens(tokenizer, conv: tuple[Turn, ...], train_on_inputs: bool = False) -> tuple[list[int], list[int]]:
+    """(ids, labels) of a conversation rendered by the chat template, assistant turns labelled.
+
+    An assistant turn's characters are found by rendering the conversation up to it twice: with
+    the generation prompt (where its content starts) and with the turn (where it ends); then the
+    whole text is tokenized once and a token is labelled when it starts inside such a span.
+    """
+    text = chat_text(tokenizer, conv)
+    spans = []
+    for i, (role, _) in enumerate(conv):
+        if role != "assistant":
+            continue
+        head, upto = chat_text(tokenizer, conv[:i], True), chat_text(tokenizer, conv[:i + 1])
+        if not (text.startswith(head) and text.startswith(upto) and len(upto.rstrip()) > len(head)):
+            raise FeditError("this model's chat template renders a turn differently once later turns follow it, "
+                             "so fedit cannot tell which tokens are the assistant's; use another model or the "
+                             "'alpaca' template")
+        spans.append((len(head), len(upto.rstrip())))
+    try:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    except NotImplementedError:
+        raise FeditError("the 'chat' template needs a fast tokenizer (offsets of the tokens in the text); "
+                         "this model's tokenizer is a slow one") from None
+    ids = list(enc["input_ids"])
+    if train_on_inputs:
+        return ids, list(ids)
+    return ids, [t if any(s <= a < e for s, e in spans) else IGNORE for t, (a, _) in zip(ids, enc["offset_mapping"])]
+
+
+def shortening(examples: list[Example]) -> str:
+    """How many examples were fitted to cutoff_len, for the run's report ("" when none)."""
+    dropped = sum(1 for e in examples if e.dropped_turns)
+    cut = sum(1 for e in examples if e.cut)
+    if not dropped and not cut:
+        return ""
+    parts = [f"{dropped} lost their oldest turns"] if dropped else []
+    parts += [f"{cut} were cut at the end"] if cut else []
+    return f"{' and '.join(parts)} to fit the cutoff length"
 
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:

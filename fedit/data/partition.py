@@ -10,18 +10,25 @@ Schemes (all seeded: the same seed gives the same split):
   non-IID split of the paper's Figure 2.
 - ``quantity``: IID content, client sizes ~ Dir(alpha) (quantity skew), each
   client at least ``min_size`` records.
+
+Natural clients (``by``): one client per value of a field of the records (a user id, a
+department, a language), in sorted order of the values; a record without the field is
+left out, and so is a client with fewer than ``min_size`` records (default 1: none), all
+counted in the manifest. Clients are never merged: two users' data in one client is not a
+federation that exists. ``label`` makes another field the category of every record, for the
+hold-out, the dirichlet and shards schemes, the plot and evaluation's per-category figures.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from fedit.checkpoint import atomic_dir, atomic_write_json
-from fedit.data.records import LoadResult, Record, write_jsonl
+from fedit.data.records import UNCATEGORIZED, LoadResult, Record, write_jsonl
 from fedit.errors import FeditError
 
 SCHEMES = ("iid", "shards", "dirichlet", "quantity")
@@ -31,6 +38,8 @@ SCHEMES = ("iid", "shards", "dirichlet", "quantity")
 class Split:
     test: list[int]  # record indices
     clients: list[list[int]]
+    names: list[str] | None = None  # natural clients: each client's value of the ``by`` field
+    left_out: dict = field(default_factory=dict)  # natural clients: records and clients left out, and why
 
 
 def holdout(records: list[Record], per_category: int, rng: np.random.Generator) -> tuple[list[int], list[int]]:
@@ -100,9 +109,33 @@ def _quantity(train: list[int], n: int, alpha: float, min_size: int, rng: np.ran
     return [sorted(p.tolist()) for p in np.split(perm, np.cumsum(sizes)[:-1])]
 
 
+def _natural(records: list[Record], train: list[int], by: str, min_size: int) -> Split:
+    groups: dict[str, list[int]] = {}
+    missing = 0
+    for i in train:
+        value = records[i].field(by)
+        if value is None:
+            missing += 1
+        else:
+            groups.setdefault(value, []).append(i)
+    small = {v: idx for v, idx in groups.items() if len(idx) < min_size}
+    kept = sorted(v for v in groups if v not in small)
+    if not kept:
+        raise FeditError(f"no client left: {len(groups)} values of {by!r}, none with {min_size} records "
+                         f"({missing} records without the field); lower --min-size or choose another --by field")
+    left_out = {"records_without_field": missing, "clients_below_min_size": len(small),
+                "records_of_those_clients": sum(map(len, small.values()))}
+    return Split(test=[], clients=[groups[v] for v in kept], names=kept, left_out=left_out)
+
+
 def split(records: list[Record], clients: int, scheme: str = "dirichlet", *, alpha: float = 0.5,
           seed: int = 42, test_per_category: int = 10, min_size: int | None = None,
-          shards_per_client: int = 2) -> Split:
+          shards_per_client: int = 2, by: str = "") -> Split:
+    """The held-out test set and each client's records; ``by``: natural clients (``clients``
+    and ``scheme`` are then not used)."""
+    if by:
+        test, train = holdout(records, test_per_category, np.random.default_rng(seed))
+        return replace(_natural(records, train, by, min_size or 1), test=test)
     if scheme not in SCHEMES:
         raise FeditError(f"unknown scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
     if clients < 1:
@@ -135,7 +168,7 @@ def client_file(i: int, n: int) -> str:
 
 
 def write(out: str | Path, loaded: LoadResult, sp: Split, *, scheme: str, seed: int, alpha: float,
-          test_per_category: int) -> dict:
+          test_per_category: int, by: str = "", label: str = "category") -> dict:
     """Write client files, test.jsonl, manifest.json and heterogeneity.png into ``out`` atomically."""
     records = loaded.records
     n = len(sp.clients)
@@ -145,7 +178,8 @@ def write(out: str | Path, loaded: LoadResult, sp: Split, *, scheme: str, seed: 
     categories = sorted({r.category for r in records})
     manifest = {
         "source": loaded.source, "scheme": scheme, "seed": seed, "alpha": alpha if scheme in ("dirichlet", "quantity") else None,
-        "test_per_category": test_per_category, "records": len(records),
+        "test_per_category": test_per_category, "records": len(records), "label": label,
+        **({"by": by, "left_out": sp.left_out} if by else {}),
         "skipped": [{"line": line, "reason": why} for line, why in loaded.skipped],
         "categories": categories,
         "test": {"file": "test.jsonl", "examples": len(sp.test),
@@ -158,6 +192,7 @@ def write(out: str | Path, loaded: LoadResult, sp: Split, *, scheme: str, seed: 
             name = client_file(c, n)
             write_jsonl(tmp / name, (records[i] for i in idx))
             manifest["clients"].append({"id": c, "file": name, "examples": len(idx),
+                                        **({by: sp.names[c]} if by else {}),
                                         "categories": dict(Counter(records[i].category for i in idx))})
         atomic_write_json(tmp / "manifest.json", manifest)
         plot_heterogeneity(manifest, tmp / "heterogeneity.png")
@@ -166,24 +201,37 @@ def write(out: str | Path, loaded: LoadResult, sp: Split, *, scheme: str, seed: 
 
 def make(source: str, out: str | Path, *, clients: int = 100, scheme: str = "dirichlet", alpha: float = 0.5,
          min_size: int | None = None, test_per_category: int = 10, seed: int = 42, fields: str = "",
-         split_name: str = "train") -> tuple[dict, LoadResult]:
+         split_name: str = "train", by: str = "", label: str = "category") -> tuple[dict, LoadResult]:
     """Read ``source`` (a file or hub id), split it and write the partition into ``out``:
-    `fedit partition` and `fedit run data.source=...` both come here."""
+    `fedit partition` and `fedit run data.source=...` both come here. ``min_size`` 0 or None: the default."""
     from fedit.data.records import load_records, parse_mapping
 
-    loaded = load_records(source, parse_mapping(fields), split=split_name)
+    label = label or "category"
+    keep = tuple(f for f in (by, label) if f and f != "category")
+    loaded = load_records(source, parse_mapping(fields), split=split_name, keep=keep)
+    if label != "category":
+        loaded.records = [replace(r, category=r.field(label) or UNCATEGORIZED) for r in loaded.records]
     sp = split(loaded.records, clients, scheme, alpha=alpha, seed=seed, test_per_category=test_per_category,
-               min_size=min_size)
-    return write(out, loaded, sp, scheme=scheme, seed=seed, alpha=alpha, test_per_category=test_per_category), loaded
+               min_size=min_size or None, by=by)
+    return write(out, loaded, sp, scheme="by " + by if by else scheme, seed=seed, alpha=alpha,
+                 test_per_category=test_per_category, by=by, label=label), loaded
 
 
 def describe(m: dict, loaded: LoadResult) -> list[str]:
     """What a partition holds, in a few lines for the console."""
     sizes = [c["examples"] for c in m["clients"]]
-    return [f"read {m['records']} records from {m['source']}; {loaded.skipped_summary()}",
-            f"test: {m['test']['examples']} records ({m['test_per_category']} per category, "
-            f"{len(m['categories'])} categories)",
-            f"{m['scheme']} split over {len(sizes)} clients: {sum(sizes)} records, {min(sizes)}-{max(sizes)} per client"]
+    kind = "conversations" if any(r.is_conversation for r in loaded.records) else "records"
+    label = "category" if m.get("label", "category") == "category" else f"category (field {m['label']!r})"
+    lines = [f"read {m['records']} {kind} from {m['source']}; {loaded.skipped_summary()}",
+             f"test: {m['test']['examples']} records ({m['test_per_category']} per {label}, "
+             f"{len(m['categories'])} categories)",
+             f"{m['scheme']} split over {len(sizes)} clients: {sum(sizes)} records, {min(sizes)}-{max(sizes)} per client"]
+    if m.get("left_out"):
+        lo = m["left_out"]
+        lines.append(f"left out: {lo['records_without_field']} records without {m['by']!r}, "
+                     f"{lo['clients_below_min_size']} clients below the minimum size "
+                     f"({lo['records_of_those_clients']} records)")
+    return lines
 
 
 def plot_heterogeneity(manifest: dict, path: Path) -> None:

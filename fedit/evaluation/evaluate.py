@@ -25,7 +25,7 @@ import torch
 
 from fedit.config import EvalConfig
 from fedit.data.batches import tokenize
-from fedit.data.prompts import prompt as make_prompt
+from fedit.data.prompts import record_prompt
 from fedit.evaluation.heldout import heldout_loss
 from fedit.evaluation.questions import QuestionSet
 from fedit.inference import cut_at_stop, stops
@@ -92,7 +92,7 @@ def generate_answers(loaded: Loaded, qset: QuestionSet, s: Settings,
 
     model, tok = loaded.model, loaded.tokenizer
     saved = (model.training, tok.padding_side, model.config.use_cache)
-    prompts = [make_prompt(q.instruction, q.context, s.template, tok) for q in qset.questions]
+    prompts = [record_prompt(q.record(), s.template, tok) for q in qset.questions]
     stop = stops(s.template)
     torch.manual_seed(s.seed)  # sampling, when chosen, is reproducible
     out: list[str] = []
@@ -133,8 +133,9 @@ def evaluate_active(loaded: Loaded, qset: QuestionSet, s: Settings, name: str = 
     t0 = time.perf_counter()
     answers = generate_answers(loaded, qset, s, on_batch)
     result["seconds_generation"] = round(time.perf_counter() - t0, 3)
-    rows = [{"id": q.id, "category": q.category, "instruction": q.instruction, "context": q.context,
-             "reference": q.reference, "answer": a} for q, a in zip(qset.questions, answers)]
+    rows = [{"id": q.id, "category": q.category, **({"history": [list(t) for t in q.history]} if q.history else {}),
+             "instruction": q.instruction, "context": q.context, "reference": q.reference, "answer": a}
+            for q, a in zip(qset.questions, answers)]
     if qset.has_references:
         scores = rouge_l(answers, [q.reference for q in qset.questions])
         for row, sc in zip(rows, scores):

@@ -8,7 +8,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedit.data.records import Record, load_records
+from fedit.data.records import Record, Turn, load_records
 from fedit.errors import FeditError
 
 
@@ -19,13 +19,20 @@ class Question:
     instruction: str
     context: str = ""
     reference: str | None = None  # the test record's response; None for Vicuna questions
+    history: tuple[Turn, ...] = ()  # a conversation's turns before the instruction (its last user turn)
 
     @property
     def text(self) -> str:
-        """The question as a judge reads it: the instruction, then its context if any."""
-        return f"{self.instruction}\n\n{self.context}" if self.context else self.instruction
+        """The question as a judge reads it: the conversation so far, the instruction, then its context if any."""
+        asked = f"{self.instruction}\n\n{self.context}" if self.context else self.instruction
+        if not self.history:
+            return asked
+        return "".join(f"{role}: {content}\n\n" for role, content in self.history) + f"user: {asked}"
 
     def record(self) -> Record:
+        if self.history:
+            turns = (*self.history, ("user", self.instruction), ("assistant", self.reference or ""))
+            return Record(self.instruction, "", self.reference or "", self.category, turns)
         return Record(self.instruction, self.context, self.reference or "", self.category)
 
 
@@ -88,7 +95,8 @@ def load_vicuna(path: Path, limit: int = 0, seed: int = 42) -> QuestionSet:
 
 
 def load_questions(path: str | Path, limit: int = 0, seed: int = 42) -> QuestionSet:
-    """A test file of instruction records (Dolly, Alpaca, JSON/JSONL) or a Vicuna question file."""
+    """A test file of instruction records or conversations (JSON/JSONL; a conversation asks its last
+    user turn after the turns before it, its last answer the reference) or a Vicuna question file."""
     p = Path(path)
     if not p.is_file():
         raise FeditError(f"test file {path} does not exist; pass --data with a JSONL file of test records "
@@ -96,6 +104,6 @@ def load_questions(path: str | Path, limit: int = 0, seed: int = 42) -> Question
     if is_vicuna_file(p):
         return load_vicuna(p, limit, seed)
     loaded = load_records(p)
-    qs = [Question(id=str(i), category=r.category, instruction=r.instruction, context=r.context, reference=r.response)
-          for i, r in enumerate(loaded.records)]
+    qs = [Question(id=str(i), category=r.category, instruction=r.instruction, context=r.context, reference=r.response,
+                   history=r.messages[:-2]) for i, r in enumerate(loaded.records)]
     return QuestionSet(qs, "records", str(p), len(qs), loaded.skipped)
