@@ -80,7 +80,7 @@ def _train(loaded: Loaded, ins: FitIns, examples: list[Example], cfg: TrainConfi
         for mb in micro_batches(step, examples, cfg.micro_batch_size, cfg.micro_batch_tokens, loaded.packed):
             batch = make_batch([examples[i] for i in mb], pad, loaded.packed, loaded.device)
             with loaded.autocast():
-                losses, _ = token_losses(model, batch)
+                losses, _ = token_losses(model, batch, loaded.own_logits)
             # Divide by the step's token count, not the micro-batch's: the sum over micro-batches
             # then equals the mean over the whole step, as if it were one batch.
             (losses.sum() / step_tokens).backward()
@@ -102,6 +102,9 @@ def _train(loaded: Loaded, ins: FitIns, examples: list[Example], cfg: TrainConfi
     seconds = time.perf_counter() - started
     metrics = {"train_loss": loss_sum / max(tokens, 1), "steps": len(steps), "trained_tokens": tokens,
                "seconds": round(seconds, 3)}
+    shortened = sum(1 for e in examples if e.dropped_turns or e.cut)
+    if shortened:  # fitted to train.cutoff_len (fedit/data/batches.py): the run's metrics say how many
+        metrics["examples_shortened"] = shortened
     extra_arrays, new_state = algo.finish(named)
     update = Update(client_id=ins.client_id, arrays={ADAPTER: get_adapter(model), **extra_arrays},
                     num_examples=trained, metrics=metrics)

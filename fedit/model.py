@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fedit import compat
 from fedit.adapter import Adapter, get_adapter
 from fedit.config import LoraConfig, ModelConfig
 from fedit.device import resolve_device, resolve_dtype
@@ -27,6 +28,7 @@ class Loaded:
     source: str
     initial_adapter: Adapter | None = None  # the seeded LoRA init: round 0 of every run
     packed: bool = False  # micro-batches packed without padding (fedit's CPU attention keeps examples apart)
+    own_logits: bool = False  # the loss reads the model's full forward (fedit/compat.py found fedit's head differs)
 
     def autocast(self):
         """bf16 autocast where chosen; a no-op context in fp32."""
@@ -58,7 +60,8 @@ def load_base(cfg: ModelConfig) -> Loaded:
 
 
 def prepare(model, tokenizer, cfg: ModelConfig, device: torch.device, dtype: torch.dtype, source: str) -> Loaded:
-    """Everything after from_pretrained: device, checkpointing, attention, micro-batch layout, determinism.
+    """Everything after from_pretrained: device, checkpointing, attention, micro-batch layout, determinism,
+    and the check that fedit's loss is the model's own (fedit/compat.py).
 
     Apart from load_base so that benchmarks can hand in random-weight models of real shapes
     (benchmarks/shapes.py) and train them exactly as fedit trains a loaded one.
@@ -70,19 +73,23 @@ def prepare(model, tokenizer, cfg: ModelConfig, device: torch.device, dtype: tor
     if cfg.gradient_checkpointing:
         set_checkpointing(model, True)
     model.config.use_cache = False
+    own_attention = model.config._attn_implementation
+    loaded = Loaded(model=model, tokenizer=tokenizer, device=device, dtype=dtype, source=source)
+    reference = compat.own_losses(model, device, loaded.autocast)  # before fedit's attention is switched on
     # fedit's CPU attention: packed micro-batches, and the faster bf16 backward (fedit/attention.py).
     cpu_attention = device.type == "cpu" and dtype in (torch.bfloat16, torch.float32) and \
-        model.config._attn_implementation == "sdpa"
+        own_attention == "sdpa" and not compat.windowed_or_capped(model.config)
     if cpu_attention:
         from fedit import attention
 
         model.set_attn_implementation(attention.NAME)
     # Elsewhere (CUDA) packing is an option: transformers' attention reads the restarting position
     # ids as example boundaries (a block-diagonal mask for SDPA and eager, varlen for flash attention).
-    packed = cpu_attention if cfg.packing == "auto" else cfg.packing == "packed"
+    loaded.packed = cpu_attention if cfg.packing == "auto" else cfg.packing == "packed"
     if cfg.deterministic and device.type == "cuda":
         use_deterministic(True)
-    return Loaded(model=model, tokenizer=tokenizer, device=device, dtype=dtype, source=source, packed=packed)
+    compat.check(loaded, reference, own_attention, cfg.packing)
+    return loaded
 
 
 def set_checkpointing(model, on: bool) -> None:

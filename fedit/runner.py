@@ -20,7 +20,7 @@ from fedit import config as config_mod
 from fedit.config import Config
 from fedit.data import partition
 from fedit.data.clients import ClientFiles
-from fedit.data.batches import Example, tokenize
+from fedit.data.batches import Example, shortening, tokenize
 from fedit.data.records import load_records
 from fedit.errors import FeditError
 from fedit.evaluation.heldout import heldout_loss
@@ -52,10 +52,11 @@ def partition_dir(cfg: Config, run_dir: Path, say: Callable[[str], None] = lambd
     out = run_dir / "data"
     if not (out / "manifest.json").is_file():
         d = cfg.data
-        say(f"partitioning {d.source} into {out} ({d.scheme}, {d.clients} clients) ...")
+        how = f"a client per {d.by!r}" if d.by else f"{d.scheme}, {d.clients} clients"
+        say(f"partitioning {d.source} into {out} ({how}) ...")
         m, loaded = partition.make(d.source, out, clients=d.clients, scheme=d.scheme, alpha=d.alpha,
-                                   min_size=d.min_size or None, test_per_category=d.test_per_category, seed=d.seed,
-                                   fields=d.fields, split_name=d.split)
+                                   min_size=d.min_size, test_per_category=d.test_per_category, seed=d.seed,
+                                   fields=d.fields, split_name=d.split, by=d.by, label=d.label)
         for line in partition.describe(m, loaded):
             say(line)
     return out
@@ -74,6 +75,8 @@ def prepare(cfg: Config, loaded: Loaded | None = None, run_dir: Path | None = No
     clients = ClientFiles(clients_dir, loaded.tokenizer, t.cutoff_len, t.train_on_inputs, cfg.data.template)
     test = tokenize(load_records(test_file).records, loaded.tokenizer, cfg.eval.cutoff_len or t.cutoff_len,
                     t.train_on_inputs, cfg.data.template)
+    if note := shortening(test):
+        say(f"held-out set: {note}")
     return Prepared(loaded, clients, test, partition.partition_sha256(clients_dir, test_file))
 
 
@@ -85,9 +88,9 @@ def run_metadata(cfg: Config, loaded: Loaded) -> dict:
     return {"fedit": __version__, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "model_source": loaded.source,
             "device": str(loaded.device), "compute_dtype": str(loaded.dtype).replace("torch.", ""),
             "dtype_setting": cfg.model.dtype, "attention": loaded.model.config._attn_implementation,
-            "packed_batches": loaded.packed, "torch": torch.__version__, "transformers": transformers.__version__,
-            "peft": peft.__version__, "machine": f"{platform.machine()} {platform.processor()} "
-                                                 f"{torch.get_num_threads()} threads"}
+            "packed_batches": loaded.packed, "loss_from_full_forward": loaded.own_logits, "torch": torch.__version__,
+            "transformers": transformers.__version__, "peft": peft.__version__,
+            "machine": f"{platform.machine()} {platform.processor()} {torch.get_num_threads()} threads"}
 
 
 def resolve_run(cfg: Config | None, resume: str | None) -> tuple[Config, Path]:

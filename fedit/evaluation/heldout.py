@@ -38,7 +38,7 @@ def heldout_loss(loaded: Loaded, examples: list[Example], adapter: Adapter | Non
         chunk = [examples[i] for i in idx]
         batch = make_batch(chunk, loaded.tokenizer.pad_token_id, loaded.packed, loaded.device)
         with loaded.autocast():
-            losses, rows = token_losses(model, batch)
+            losses, rows = token_losses(model, batch, loaded.own_logits)
         per_row = torch.zeros(len(chunk), dtype=torch.float64).index_add_(0, rows.cpu(), losses.double().cpu())
         n_row = torch.bincount(rows.cpu(), minlength=len(chunk))
         for i, e, s, n in zip(idx, chunk, per_row.tolist(), n_row.tolist()):
