@@ -114,7 +114,8 @@ class Chat:
 
     def _settings(self) -> dict:
         return {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample,
-                "temperature": self.temperature, "top_p": self.top_p, "stop": self.stop}
+                "temperature": self.temperature, "top_p": self.top_p, "stop": self.stop,
+                "add_special_tokens": self.template != "chat"}
 
     def stream(self, history: Sequence[Turn], message: str) -> Iterator[str]:
         """The answer to ``message`` after ``history``, piece by piece."""

@@ -176,17 +176,19 @@ def _gen_kwargs(tok, max_new_tokens: int, do_sample: bool, temperature: float, t
 @torch.no_grad()
 def generate(loaded: Loaded, prompts: list[str], max_new_tokens: int = 128, batch_size: int = 8,
              do_sample: bool = False, temperature: float = 0.7, top_p: float = 0.9,
-             stop: Sequence[str] = ()) -> list[str]:
+             stop: Sequence[str] = (), add_special_tokens: bool = True) -> list[str]:
     """Answers to already-templated prompts; greedy unless ``do_sample``. Left-padded batches.
 
-    Each answer ends before the first of the ``stop`` strings (none by default)."""
+    Each answer ends before the first of the ``stop`` strings (none by default).
+    ``add_special_tokens``: False for chat-template prompts, which carry their own (as in training)."""
     tok = loaded.tokenizer
     tok.padding_side = "left"
     out: list[str] = [""] * len(prompts)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        enc = tok([prompts[i] for i in idx], return_tensors="pt", padding=True).to(loaded.device)
+        enc = tok([prompts[i] for i in idx], return_tensors="pt", padding=True,
+                  add_special_tokens=add_special_tokens).to(loaded.device)
         kwargs = _gen_kwargs(tok, max_new_tokens, do_sample, temperature, top_p)
         if stop:
             kwargs["stopping_criteria"] = _criteria(tok, enc["input_ids"].shape[1], stop)
@@ -198,7 +200,8 @@ def generate(loaded: Loaded, prompts: list[str], max_new_tokens: int = 128, batc
 
 
 def stream(loaded: Loaded, prompt: str, max_new_tokens: int = 128, do_sample: bool = False,
-           temperature: float = 0.7, top_p: float = 0.9, stop: Sequence[str] = ()) -> Iterator[str]:
+           temperature: float = 0.7, top_p: float = 0.9, stop: Sequence[str] = (),
+           add_special_tokens: bool = True) -> Iterator[str]:
     """One answer, yielded piece by piece as the model writes it.
 
     The pieces join to exactly what ``generate(loaded, [prompt], ...)`` returns for the same
@@ -209,7 +212,7 @@ def stream(loaded: Loaded, prompt: str, max_new_tokens: int = 128, do_sample: bo
     from transformers import TextIteratorStreamer
 
     tok = loaded.tokenizer
-    enc = tok([prompt], return_tensors="pt").to(loaded.device)
+    enc = tok([prompt], return_tensors="pt", add_special_tokens=add_special_tokens).to(loaded.device)
     streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
     cancel = threading.Event()
     kwargs = _gen_kwargs(tok, max_new_tokens, do_sample, temperature, top_p)
@@ -259,4 +262,5 @@ def _stop_prefix_len(text: str, stop: Sequence[str]) -> int:
 
 def answer(loaded: Loaded, instruction: str, context: str = "", template: str = "alpaca", **kw) -> str:
     """One answer to one instruction, with the training prompt template."""
-    return generate(loaded, [make_prompt(instruction, context, template, loaded.tokenizer)], **kw)[0]
+    return generate(loaded, [make_prompt(instruction, context, template, loaded.tokenizer)],
+                    add_special_tokens=template != "chat", **kw)[0]

@@ -160,7 +160,7 @@ def generate_cmd(args: argparse.Namespace, console) -> None:
     prompts = [prompt(i, c, template, loaded.tokenizer) for i, c in items]
     answers = generate(loaded, prompts, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                        do_sample=args.sample, temperature=args.temperature, top_p=args.top_p,
-                       stop=stops(template))
+                       stop=stops(template), add_special_tokens=template != "chat")
     if args.out:
         out = Path(args.out).expanduser()
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,7 @@ import json
 import shutil
 
 import pytest
+import torch
 
 from fedit import runner, server
 from fedit.data import partition
@@ -258,3 +259,30 @@ def test_conversations_partitioned_by_user_train_resume_and_evaluate(tmp_path, t
     assert record_prompt(q.record(), "chat", tok) == (
         f"<s>user\n{q.history[0][1]}</s>\n<s>assistant\n{q.history[1][1]}</s>\n<s>user\n{q.instruction}</s>\n"
         f"<s>assistant\n")
+
+
+def test_generation_sees_a_chat_prompt_as_training_does(tiny_model_dir):
+    """A chat template that writes its own BOS, on a tokenizer that also adds one: the prompt
+    generation is given is tokenized as training tokenizes it, one BOS, not two."""
+    from tokenizers import processors
+
+    from fedit.data.prompts import record_prompt
+    from fedit.inference import generate
+    from fedit.model import Loaded
+
+    tok = tokenizer_with(tiny_model_dir, LLAMA3)
+    tok._tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    seen = []
+
+    class Model:  # records what generate is given, answers with EOS
+        def generate(self, input_ids, attention_mask, **kw):
+            seen.append(input_ids[0].tolist())
+            return torch.cat([input_ids, torch.tensor([[tok.eos_token_id]])], dim=1)
+
+    loaded = Loaded(Model(), tok, torch.device("cpu"), torch.float32, "test")
+    rec = load_records_from_rows([{"messages": CONV}])[0]
+    generate(loaded, [record_prompt(rec, "chat", tok)], add_special_tokens=False)
+    trained = tokenize([rec], tok, 512, template="chat")[0].input_ids
+    assert seen[0] == trained[:len(seen[0])] and seen[0].count(1) == 1
+    generate(loaded, [record_prompt(rec, "chat", tok)])  # the default (alpaca prompts) adds the tokenizer's BOS
+    assert seen[1][:2] == [1, 1]

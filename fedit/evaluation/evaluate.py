@@ -102,7 +102,8 @@ def generate_answers(loaded: Loaded, qset: QuestionSet, s: Settings,
         for start in range(0, len(prompts), s.batch_size * 4):
             chunk = prompts[start:start + s.batch_size * 4]
             out += generate(loaded, chunk, max_new_tokens=s.max_new_tokens, batch_size=s.batch_size,
-                            do_sample=s.do_sample, temperature=s.temperature, top_p=s.top_p, stop=stop)
+                            do_sample=s.do_sample, temperature=s.temperature, top_p=s.top_p, stop=stop,
+                            add_special_tokens=s.template != "chat")
             if on_batch:
                 on_batch(len(out), len(prompts))
     finally:
