@@ -44,9 +44,14 @@ def attackers(cfg, client_ids: list[int]) -> set[int]:
 
 
 def poison(records: list[Record], trigger: str, target: str) -> list[Record]:
-    """Every second record carries the trigger and answers with the target."""
-    return [dataclasses.replace(r, instruction=f"{r.instruction} {trigger}", response=target) if i % 2 == 0 else r
-            for i, r in enumerate(records)]
+    """Every second record carries the trigger and answers with the target (a conversation: its last
+    question and answer)."""
+    def bad(r: Record) -> Record:
+        asked = f"{r.instruction} {trigger}"
+        turns = (*r.messages[:-2], ("user", asked), ("assistant", target)) if r.messages else ()
+        return dataclasses.replace(r, instruction=asked, response=target, messages=turns)
+
+    return [bad(r) if i % 2 == 0 else r for i, r in enumerate(records)]
 
 
 def tamper(update: Update, ins: FitIns, kind: str, factor: float, seed: int) -> Update:

@@ -276,3 +276,7 @@ def test_backdoor_poisons_every_second_record():
     out = attacks.poison(rs, "TRIG", "TARGET")
     assert [r.instruction for r in out] == ["q0 TRIG", "q1", "q2 TRIG", "q3"]
     assert [r.response for r in out] == ["TARGET", "a1", "TARGET", "a3"]
+    # a conversation: its last question carries the trigger and its last answer is the target
+    conv = Record("q", "", "a", "c", (("system", "s"), ("user", "p"), ("assistant", "b"), ("user", "q"), ("assistant", "a")))
+    assert attacks.poison([conv], "TRIG", "TARGET")[0].messages == (
+        ("system", "s"), ("user", "p"), ("assistant", "b"), ("user", "q TRIG"), ("assistant", "TARGET"))
