@@ -182,6 +182,44 @@ class AttackConfig:
 
 
 @dataclass(frozen=True)
+class CanaryConfig:
+    client: int = _f(-1, "Simulation only, for experiments: the client whose data gets secret-sharer canaries "
+                         "(-1: none); the run then reports their exposure (fedit/canaries.py).", min=-1)
+    count: int = _f(5, "Canaries: how many secrets are inserted.", min=1)
+    repeats: int = _f(10, "Canaries: how many times each is inserted.", min=1)
+    references: int = _f(200, "Canaries: never-inserted secrets of the same format they are ranked among.", min=1)
+    seed: int = _f(0, "Canaries: seed of the secrets (the experimenter's).", min=0)
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    enabled: bool = _f(False, "Client-level differential privacy (DP-FedAvg, McMahan et al. 2018): each client's "
+                              "update clipped, the mean over a fixed number of clients noised; see fedit/privacy.py.")
+    clipping_norm: float = _f(0.1, "C: the L2 bound of each client's update Δ = θ_k − θ over all its adapter tensors "
+                                   "(the initial bound with privacy.adaptive).", min=0.0, exclusive_min=True)
+    noise_multiplier: float = _f(1.0, "z: the noise std on the sum of clipped updates is z·C (per coordinate); "
+                                      "ignored when privacy.target_epsilon is set.", min=0.0, exclusive_min=True)
+    target_epsilon: float = _f(0.0, "If > 0: the smallest noise multiplier (to 0.1%) whose ε after "
+                                    "federation.rounds rounds is at most this.", min=0.0)
+    delta: float = _f(1e-5, "δ of the (ε, δ) reported; choose it below 1 / (number of clients).", min=0.0,
+                      exclusive_min=True, max=1.0)
+    max_epsilon: float = _f(0.0, "If > 0: the run stops before a round that would take ε past this (resumable).",
+                            min=0.0)
+    sampling: str = _f("fixed", "'fixed': federation.clients_per_round clients, drawn with the public seed (no "
+                                "amplification by sampling is claimed); 'poisson': each client joins a round with "
+                                "probability clients_per_round / clients, drawn with secret randomness, and the "
+                                "accountant counts the sampled Gaussian mechanism.", choices=("fixed", "poisson"))
+    adaptive: bool = _f(False, "Adaptive clipping (Andrew et al. 2021): C follows the target quantile of the "
+                               "update norms, learned privately.")
+    target_quantile: float = _f(0.5, "Adaptive clipping: the share of updates that should be unclipped.",
+                                min=0.0, max=1.0)
+    clip_learning_rate: float = _f(0.2, "Adaptive clipping: η, C ← C·exp(−η (b̄ − quantile)).", min=0.0,
+                                   exclusive_min=True)
+    count_noise: float = _f(0.0, "Adaptive clipping: σ_b, the noise std on the count of unclipped updates; 0: the "
+                                 "paper's expected clients per round / 20.", min=0.0)
+
+
+@dataclass(frozen=True)
 class RunConfig:
     out: str = _f("runs/fedit", "Run directory: metrics, per-round adapters, resume state, plots.")
     progress: bool = _f(True, "Show progress bars.")
@@ -202,6 +240,8 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    canary: CanaryConfig = field(default_factory=CanaryConfig)
     run: RunConfig = field(default_factory=RunConfig)
     # The chosen strategy's options (its Options dataclass, every value filled in), from [strategy].
     strategy: Any = None
@@ -291,6 +331,14 @@ def from_dict(raw: dict[str, Any], source: str = "config") -> Config:
             if lo.freeze_a:
                 problems.append("lora.freeze_a already makes averaging the factors exact; use lora.aggregation = "
                                 "\"factors\" with it")
+        if cfg.privacy.enabled:
+            if fed.aggregator != "mean" or fed.max_update_norm:
+                problems.append("privacy.enabled clips every update to privacy.clipping_norm and averages them with "
+                                "equal weights, which is its sensitivity bound: it does not combine with "
+                                "federation.aggregator or max_update_norm")
+            if fed.strategy == "scaffold" or lo.aggregation == "product":
+                problems.append("privacy.enabled noises the mean of the adapters' changes only: SCAFFOLD's control "
+                                "variates and lora.aggregation = \"product\" would bypass it")
         if cfg.attack.kind != "none" and not (cfg.attack.clients or cfg.attack.fraction):
             problems.append(f"attack.kind = {cfg.attack.kind!r} names no malicious client; set attack.clients = [ids] "
                             f"or attack.fraction")

@@ -41,6 +41,7 @@ def scalars(row: dict, clients: list[dict]) -> dict[str, float]:
         return out
     out["round/accepted"] = row["accepted"]
     out["round/rejected"] = len(row.get("rejected", []))
+    out.update({f"privacy/{k}": v for k, v in row.get("privacy", {}).items() if _number(v) is not None})
     ok = [c for c in clients if c.get("accepted")]
     out["round/bytes_down"] = sum(c.get("bytes_down") or 0 for c in ok)
     out["round/bytes_up"] = sum(c.get("bytes_up") or 0 for c in ok)

@@ -8,6 +8,7 @@ prepares without client files: they live on the client machines.
 
 from __future__ import annotations
 
+import json
 import platform
 import time
 from contextlib import contextmanager
@@ -15,13 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from fedit import __version__, server
+from fedit import __version__, canaries, server
 from fedit import config as config_mod
 from fedit.config import Config
 from fedit.data import partition
 from fedit.data.clients import ClientFiles
 from fedit.data.batches import Example, shortening, tokenize
 from fedit.data.records import load_records
+from fedit.checkpoint import atomic_write_json
 from fedit.errors import FeditError
 from fedit.evaluation.heldout import heldout_loss
 from fedit.evaluation.plots import plot_loss
@@ -115,14 +117,21 @@ def run(cfg: Config | None, resume: str | None = None, console=None, loaded: Loa
         meta["attack"] = {"kind": cfg.attack.kind, "factor": cfg.attack.factor, "clients": sorted(sim.attackers)}
     if console is not None and "tensorboard" in cfg.run.report_to:
         console.print(f"watch it: tensorboard --logdir {run_dir / 'tensorboard'}")
+    sizes = {c["id"]: c["examples"] for c in prep.clients.manifest["clients"]}
+    canary = cfg.canary
+    if canary.client >= 0:  # an experiment with inserted secrets: that client holds more records
+        sizes[canary.client] = sizes.get(canary.client, 0) + canary.count * canary.repeats
     with progress.live() if progress else _nothing():
-        server.run(cfg, sim, run_dir, client_ids=prep.clients.ids, initial_adapter=prep.loaded.initial_adapter,
-                   save_adapter=prep.save, evaluate=lambda a: prep.evaluate(a, cfg), resume=bool(resume),
-                   hooks=progress.hooks() if progress else None, meta=meta,
-                   client_sizes={c["id"]: c["examples"] for c in prep.clients.manifest["clients"]},
-                   data_sha256=prep.data_sha256)
+        final = server.run(cfg, sim, run_dir, client_ids=prep.clients.ids, initial_adapter=prep.loaded.initial_adapter,
+                           save_adapter=prep.save, evaluate=lambda a: prep.evaluate(a, cfg), resume=bool(resume),
+                           hooks=progress.hooks() if progress else None, meta=meta, client_sizes=sizes,
+                           data_sha256=prep.data_sha256)
     rd = server.RunDir(run_dir)
     plot_loss(server.loss_curve(rd), run_dir / "loss.png")
+    if canary.client >= 0:
+        inserted, references = canaries.secrets_of(canary.seed, canary.count, canary.references)
+        atomic_write_json(run_dir / "canary.json", canaries.exposure(
+            prep.loaded, final, inserted, references, cfg.data.template, cfg.train.cutoff_len, cfg.eval.batch_size))
     return run_dir
 
 
@@ -172,7 +181,8 @@ class _Progress:
         what = "base model" if row["round"] == 0 else f"{row['accepted']} clients {row['clients']}"
         extra = f", {len(row['rejected'])} rejected" if row.get("rejected") else ""
         secs = f" in {row['seconds']:.1f}s" if "seconds" in row else ""
-        self.console.print(f"round {row['round']:>3}: {loss} ({what}{extra}){secs}")
+        dp = f", ε = {row['privacy']['epsilon']:.3f}" if "privacy" in row else ""
+        self.console.print(f"round {row['round']:>3}: {loss}{dp} ({what}{extra}){secs}")
 
 
 def summary(run_dir: Path) -> str:
@@ -186,6 +196,17 @@ def summary(run_dir: Path) -> str:
         for cat in sorted(en["by_category"]):
             before = e0["by_category"].get(cat, float("nan"))
             lines.append(f"  {cat:<24} {before:.4f} -> {en['by_category'][cat]:.4f}")
+    dp = [row for row in rd.events("round") if "privacy" in row]
+    if dp:
+        p = dp[-1]["privacy"]
+        lines.append(f"privacy: ε = {p['epsilon']:.3f} at δ = {p['delta']:g} after {len(dp)} rounds "
+                     f"(client-level, noise multiplier {p['noise_multiplier']:.3f})")
+    for stop in rd.events("stop"):
+        lines.append(stop["reason"])
+    if (run_dir / "canary.json").is_file():
+        c = json.loads((run_dir / "canary.json").read_text())
+        lines.append(f"canaries: mean exposure {c['mean_exposure']:.2f} of at most {c['max_exposure']:.2f} bits "
+                     f"(ranks {[r['rank'] for r in c['canaries']]} among {c['references']} references)")
     lines.append(f"final adapter: {run_dir / 'adapter'} (PeftModel.from_pretrained(base, dir))")
     lines.append(f"plot: {run_dir / 'loss.png'}   metrics: {rd.metrics}")
     return "\n".join(lines)

@@ -35,8 +35,10 @@ from fedit.errors import FeditError
 from fedit.adapter import Adapter, load_adapter_file
 from fedit.protocol import ADAPTER, Failure, FitIns, Update, nbytes
 from fedit.strategies import build as build_strategy
+from fedit.strategies.base import prefixed, unprefixed
 
 log = logging.getLogger(__name__)
+PRIVACY = "privacy"  # prefix of the DP mechanism's state among the strategy's saved tensors
 
 
 class Runtime(Protocol):
@@ -147,6 +149,13 @@ def run(cfg: Config, runtime: Runtime, run_dir: str | Path, *, client_ids: list[
     if k > len(client_ids):
         raise FeditError(f"federation.clients_per_round = {k} but the partition has {len(client_ids)} clients; "
                          f"lower it or partition into more clients")
+    dp = None
+    if cfg.privacy.enabled:  # client-level DP: the strategy's changes are combined by its noised mean
+        from fedit.privacy import ClientDP
+
+        dp = strategy.privacy = ClientDP(cfg.privacy, k, len(client_ids), fed.rounds)
+        meta = {**(meta or {}), "privacy": {"noise_multiplier": dp.z, "update_noise_multiplier": dp.z_delta,
+                                            "expected_clients": dp.m, "sampling_rate": dp.q}}
 
     def example_cap(cid) -> int | None:
         caps = [math.ceil(client_sizes[cid] * cfg.train.local_epochs)] if client_sizes and cid in client_sizes else []
@@ -164,7 +173,10 @@ def run(cfg: Config, runtime: Runtime, run_dir: str | Path, *, client_ids: list[
         rd.truncate_metrics(state["metrics_offset"])
         global_adapter = load_adapter_file(rd.round_dir(state["round"]))
         if state.get("strategy_state"):
-            strategy.load_state_dict(load_arrays(rd.path / state["strategy_state"]))
+            saved = load_arrays(rd.path / state["strategy_state"])
+            if dp is not None:
+                dp.load_state_dict(unprefixed(PRIVACY, saved))
+            strategy.load_state_dict({k: v for k, v in saved.items() if not k.startswith(PRIVACY + "/")})
         client_rounds = {int(c): r for c, r in state.get("client_rounds", {}).items()}
         log.info("resuming %s after round %d", rd.path, state["round"])
     else:
@@ -176,18 +188,29 @@ def run(cfg: Config, runtime: Runtime, run_dir: str | Path, *, client_ids: list[
         atomic_write_json(rd.path / "run.json", {**(meta or {}), "clients": len(client_ids), "clients_per_round": k,
                                                  "data_sha256": data_sha256})
         start, global_adapter, client_rounds = 1, initial_adapter, {}
+    def saved_state() -> Adapter:  # what a resume needs besides the adapter: the strategy's and DP's state
+        return {**strategy.state_dict(), **(prefixed(PRIVACY, dp.state_dict()) if dp is not None else {})}
+
     report = reporting.open_reporters(cfg.run.report_to, rd.path, cfg.run.wandb_project, cfg.to_dict())
     with report:
         if not state:
             row = {"event": "round", "round": 0, "clients": [], "accepted": 0}
             if evaluate and cfg.eval.every:
                 row["eval"] = evaluate(global_adapter)  # the untuned base model: the line to beat
-            _finish_round(rd, 0, global_adapter, row, save_adapter, strategy, client_rounds)
+            _finish_round(rd, 0, global_adapter, row, save_adapter, saved_state(), client_rounds)
             hooks.round_end(row)
             report.round(row, [])
         for r in range(start, fed.rounds + 1):
+            if dp is not None and cfg.privacy.max_epsilon and dp.epsilon(dp.rounds_done + 1) > cfg.privacy.max_epsilon:
+                why = (f"privacy budget: round {r} would take ε to {dp.epsilon(dp.rounds_done + 1):.3f}, past "
+                       f"privacy.max_epsilon = {cfg.privacy.max_epsilon:g} (ε = {dp.epsilon():.3f} at δ = "
+                       f"{cfg.privacy.delta:g} after round {r - 1}); the run stops here")
+                log.warning(why)
+                rd.append(event="stop", round=r - 1, reason=why)
+                break
             t0 = time.perf_counter()
-            selected = strategy.select(r, client_ids, k, fed.seed)
+            selected = dp.select(client_ids) if dp is not None and dp.q is not None else \
+                strategy.select(r, client_ids, k, fed.seed)
             hooks.round_start(r, selected)
             instructions = [strategy.configure(r, cid, global_adapter, client_rounds.get(cid, 0)) for cid in selected]
             if plan.active:  # each client gets its own rank and modules of the global adapter
@@ -233,7 +256,7 @@ def run(cfg: Config, runtime: Runtime, run_dir: str | Path, *, client_ids: list[
                 new_adapter, used = plan.product_mean(global_adapter, replies)
             else:
                 new_adapter, used = strategy.aggregate(r, global_adapter, replies)
-            if used < fed.min_replies:
+            if used < fed.min_replies and not (dp is not None and not selected):  # an empty Poisson sample is a round
                 raise FeditError(f"round {r}: only {used} valid client update(s), fewer than federation.min_replies = "
                                  f"{fed.min_replies} (rejected: {rejected}); the run stopped after round {r - 1} and "
                                  f"can be resumed with `fedit run --resume {rd.path}`")
@@ -241,11 +264,13 @@ def run(cfg: Config, runtime: Runtime, run_dir: str | Path, *, client_ids: list[
             client_rounds.update({cid: r for cid in accepted_ids})
             row = {"event": "round", "round": r, "clients": selected, "accepted": used, "rejected": rejected,
                    "train_seconds": round(time.perf_counter() - t0, 3)}
+            if dp is not None:
+                row["privacy"] = dict(dp.last_report)
             if evaluate and cfg.eval.every and (r % cfg.eval.every == 0 or r == fed.rounds):
                 t_eval = time.perf_counter()
                 row["eval"] = evaluate(global_adapter)
                 row["eval_seconds"] = round(time.perf_counter() - t_eval, 3)
-            _finish_round(rd, r, global_adapter, row, save_adapter, strategy, client_rounds, t0)
+            _finish_round(rd, r, global_adapter, row, save_adapter, saved_state(), client_rounds, t0)
             hooks.round_end(row)
             report.round(row, client_rows)
     save_adapter(global_adapter, rd.path / "adapter")  # the final global adapter, where users look first
@@ -264,11 +289,10 @@ def load_arrays(path: Path) -> Adapter:
     return load_file(path)
 
 
-def _finish_round(rd: RunDir, r: int, adapter: Adapter, row: dict, save_adapter, strategy, client_rounds: dict,
-                  t0: float | None = None) -> None:
+def _finish_round(rd: RunDir, r: int, adapter: Adapter, row: dict, save_adapter, strategy_state: Adapter,
+                  client_rounds: dict, t0: float | None = None) -> None:
     t = time.perf_counter()
     save_adapter(adapter, rd.round_dir(r))
-    strategy_state = strategy.state_dict()
     state_file = None
     if strategy_state:  # before state.json: the round is committed only once everything it needs is on disk
         state_file = Path("strategy") / f"round_{r:04d}.safetensors"

@@ -18,7 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Iterator
 
-from fedit import attacks, client
+from fedit import attacks, canaries, client
 from fedit.checkpoint import atomic_write
 from fedit.config import Config
 from fedit.data.clients import ClientFiles
@@ -68,9 +68,11 @@ class Simulation:
         self.states = ClientStateDir(state_dir) if state_dir is not None else None
         self.on_client = on_client  # (round, client) -> per-step callback, for progress bars
         self.attackers = attacks.attackers(cfg, clients.ids)  # experiments only: [attack]
-        unknown = sorted(self.attackers - set(clients.ids))
+        unknown = sorted((self.attackers | ({cfg.canary.client} if cfg.canary.client >= 0 else set())) -
+                         set(clients.ids))
         if unknown:
-            raise FeditError(f"attack.clients = {list(cfg.attack.clients)}: the partition has no client "
+            raise FeditError(f"attack.clients = {list(cfg.attack.clients)}, canary.client = {cfg.canary.client}: "
+                             f"the partition has no client "
                              f"{', '.join(map(str, unknown))}; its clients are {clients.ids[0]}-{clients.ids[-1]}")
 
     def fit(self, round_num: int, instructions: list[FitIns]) -> Iterator[Update]:
@@ -83,6 +85,10 @@ class Simulation:
             attack = self.cfg.attack if cid in self.attackers else None
             poisoned = (lambda rs: attacks.poison(rs, attack.trigger, attack.target)) \
                 if attack and attack.kind == "backdoor" else None
+            if cid == self.cfg.canary.client:  # experiments only: [canary] secrets in this client's data
+                c, before = self.cfg.canary, poisoned
+                poisoned = lambda rs: canaries.insert(before(rs) if before else rs,  # noqa: E731
+                                                      canaries.secrets_of(c.seed, c.count, c.references)[0], c.repeats)
             update, new_state = client.train(self.loaded, ins, self.clients.examples(cid, poisoned), self.cfg.train,
                                              seed, self.algorithm, state, on_step)
             if attack:  # after honest training: the server sees what a real malicious client could send

@@ -53,6 +53,7 @@ class Strategy:
         # How client changes are combined (fedit/aggregators.py), and the L2 bound on each one (0: none).
         self.aggregator = dict(kind=aggregator, trim_fraction=trim_fraction, byzantine_clients=byzantine_clients)
         self.max_update_norm = max_update_norm
+        self.privacy = None  # a fedit.privacy.ClientDP when privacy.enabled: it then combines the changes
 
     def select(self, round_num: int, client_ids: list[int], k: int, seed: int) -> list[int]:
         """Pick ``k`` distinct clients uniformly at random; seeded by (seed, round) alone so resume picks alike."""
@@ -81,7 +82,7 @@ class ServerOptimizer(Strategy):
 
     def aggregate(self, round_num: int, global_adapter: Arrays, updates: Iterable[Update]) -> tuple[Arrays, int]:
         base = {k: v.to(torch.float64) for k, v in global_adapter.items()}
-        combine = Aggregator(**self.aggregator)
+        combine = self.privacy.combiner(base) if self.privacy else Aggregator(**self.aggregator)
         used = 0
         for u in updates:
             delta = {k: v.to(torch.float64) - base[k] for k, v in u.adapter.items()}
