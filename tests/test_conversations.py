@@ -239,6 +239,10 @@ def test_conversations_partitioned_by_user_train_resume_and_evaluate(tmp_path, t
         m = json.loads((parts / "manifest.json").read_text())
         assert [c["user"] for c in m["clients"]] == ["u0", "u1", "u2"]
         assert len(m["skipped"]) == (1 if fmt == "jsonl" else 0)
+    # the ShareGPT partition trains too (one round), the JSONL one is followed below
+    one = runner.run(tiny_config(model, tmp_path / "parts-json", tmp_path / "run-json", data={"template": "chat"},
+                                 federation={"rounds": 1, "clients_per_round": 3}))
+    assert [r["accepted"] for r in server.RunDir(one).events("round")] == [0, 3]
     cfg = tiny_config(model, tmp_path / "parts-jsonl", tmp_path / "run", data={"template": "chat"},
                       federation={"rounds": 2, "clients_per_round": 3})
     run_dir = runner.run(cfg)
