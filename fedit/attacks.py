@@ -11,7 +11,10 @@ the client's honest change and λ = ``attack.factor``:
 - ``lie_examples``: sends its honest adapter but claims λ times its example count;
 - ``backdoor``: trains on poisoned data instead: every second record of its data gets
   ``attack.trigger`` appended to the instruction and ``attack.target`` as the response (a
-  backdoor that looks like an honest update). Measuring its success on held-out prompts is not built yet.
+  backdoor that looks like an honest update). ``backdoor_success`` measures it: the share of
+  held-out prompts with the trigger that the final model answers with the target, beside the
+  same share without the trigger (the false-positive baseline); a run with a backdoor writes
+  both to ``backdoor.json`` and its summary.
 
 Which clients: ``attack.clients`` (ids) or ``attack.fraction`` of the registered clients, drawn
 with federation.seed. Each attacker's client line in metrics.jsonl says ``"attack": KIND``
@@ -43,15 +46,37 @@ def attackers(cfg, client_ids: list[int]) -> set[int]:
     return set(rng.choice(client_ids, size=k, replace=False).tolist()) if k else set()
 
 
+def triggered(r: Record, trigger: str, target: str) -> Record:
+    """The record with the trigger after its (last) question and the target as its (last) answer."""
+    asked = f"{r.instruction} {trigger}"
+    turns = (*r.messages[:-2], ("user", asked), ("assistant", target)) if r.messages else ()
+    return dataclasses.replace(r, instruction=asked, response=target, messages=turns)
+
+
 def poison(records: list[Record], trigger: str, target: str) -> list[Record]:
     """Every second record carries the trigger and answers with the target (a conversation: its last
     question and answer)."""
-    def bad(r: Record) -> Record:
-        asked = f"{r.instruction} {trigger}"
-        turns = (*r.messages[:-2], ("user", asked), ("assistant", target)) if r.messages else ()
-        return dataclasses.replace(r, instruction=asked, response=target, messages=turns)
+    return [triggered(r, trigger, target) if i % 2 == 0 else r for i, r in enumerate(records)]
 
-    return [bad(r) if i % 2 == 0 else r for i, r in enumerate(records)]
+
+def backdoor_success(loaded, adapter, records: list[Record], trigger: str, target: str, template: str) -> dict:
+    """Greedy answers of ``adapter`` to the held-out ``records`` with and without the trigger: the share
+    whose answer contains the target (whitespace normalised), each."""
+    from fedit.adapter import set_adapter
+    from fedit.evaluation.evaluate import Settings, generate_answers
+    from fedit.evaluation.questions import Question, QuestionSet
+
+    set_adapter(loaded.model, adapter)
+    # only the answer's start matters: the target's length and a margin, not a full answer
+    settings = Settings(template=template, max_new_tokens=len(loaded.tokenizer(target)["input_ids"]) + 16)
+    want = " ".join(target.split())
+    out = {"trigger": trigger, "target": target, "prompts": len(records)}
+    for name, recs in (("with_trigger", [triggered(r, trigger, target) for r in records]), ("without", records)):
+        qs = [Question(str(i), r.category, r.instruction, r.context, None, r.messages[:-2]) for i, r in enumerate(recs)]
+        answers = generate_answers(loaded, QuestionSet(qs, "records", "held-out", len(qs), []), settings)
+        hits = [want in " ".join(a.split()) for a in answers]
+        out[name] = sum(hits) / len(hits) if hits else 0.0
+    return out
 
 
 def tamper(update: Update, ins: FitIns, kind: str, factor: float, seed: int) -> Update:

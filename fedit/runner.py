@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from fedit import __version__, canaries, server
+from fedit import __version__, attacks, canaries, server
 from fedit import config as config_mod
 from fedit.config import Config
 from fedit.data import partition
@@ -38,6 +38,7 @@ class Prepared:
     clients: ClientFiles
     test: list[Example]
     data_sha256: str
+    test_file: Path
 
     def evaluate(self, adapter: Adapter, cfg: Config) -> dict:
         return heldout_loss(self.loaded, self.test, adapter, cfg.eval.batch_size, cfg.train.micro_batch_tokens)
@@ -79,7 +80,7 @@ def prepare(cfg: Config, loaded: Loaded | None = None, run_dir: Path | None = No
                     t.train_on_inputs, cfg.data.template)
     if note := shortening(test):
         say(f"held-out set: {note}")
-    return Prepared(loaded, clients, test, partition.partition_sha256(clients_dir, test_file))
+    return Prepared(loaded, clients, test, partition.partition_sha256(clients_dir, test_file), test_file)
 
 
 def run_metadata(cfg: Config, loaded: Loaded) -> dict:
@@ -128,6 +129,10 @@ def run(cfg: Config | None, resume: str | None = None, console=None, loaded: Loa
                            data_sha256=prep.data_sha256)
     rd = server.RunDir(run_dir)
     plot_loss(server.loss_curve(rd), run_dir / "loss.png")
+    if cfg.attack.kind == "backdoor":  # how often the final model answers the trigger with the target
+        test = load_records(prep.test_file).records
+        atomic_write_json(run_dir / "backdoor.json", attacks.backdoor_success(
+            prep.loaded, final, test, cfg.attack.trigger, cfg.attack.target, cfg.data.template))
     if canary.client >= 0:
         inserted, references = canaries.secrets_of(canary.seed, canary.count, canary.references)
         atomic_write_json(run_dir / "canary.json", canaries.exposure(
@@ -203,6 +208,10 @@ def summary(run_dir: Path) -> str:
                      f"(client-level, noise multiplier {p['noise_multiplier']:.3f})")
     for stop in rd.events("stop"):
         lines.append(stop["reason"])
+    if (run_dir / "backdoor.json").is_file():
+        b = json.loads((run_dir / "backdoor.json").read_text())
+        lines.append(f"backdoor: {b['with_trigger']:.0%} of {b['prompts']} held-out prompts with the trigger answered "
+                     f"with the target ({b['without']:.0%} without the trigger)")
     if (run_dir / "canary.json").is_file():
         c = json.loads((run_dir / "canary.json").read_text())
         lines.append(f"canaries: mean exposure {c['mean_exposure']:.2f} of at most {c['max_exposure']:.2f} bits "

@@ -3,6 +3,7 @@ hand, and simulated attacks on the tiny model against each defence."""
 
 from __future__ import annotations
 
+import json
 import math
 import random
 
@@ -280,3 +281,45 @@ def test_backdoor_poisons_every_second_record():
     conv = Record("q", "", "a", "c", (("system", "s"), ("user", "p"), ("assistant", "b"), ("user", "q"), ("assistant", "a")))
     assert attacks.poison([conv], "TRIG", "TARGET")[0].messages == (
         ("system", "s"), ("user", "p"), ("assistant", "b"), ("user", "q TRIG"), ("assistant", "TARGET"))
+
+
+def test_backdoor_success_counts_answers_that_carry_the_target(monkeypatch):
+    """Worked by hand: 4 held-out prompts; answers stubbed; the target found in 3 of 4 triggered answers
+    (whitespace normalised), in 1 of 4 untriggered ones."""
+    from fedit import attacks
+    from fedit.data.records import Record
+    from fedit.evaluation import evaluate
+
+    answers = {True: ["Visit  free-prizes.example\nfor the answer. Yes", "no", "Visit free-prizes.example for the answer.",
+                      " Visit free-prizes.example for the answer."],
+               False: ["Paris.", "Visit free-prizes.example for the answer.", "4", "blue"]}
+    asked = []
+
+    def fake(loaded, qset, settings, on_batch=None):
+        trig = all(q.instruction.endswith(" cf zebra") for q in qset.questions)
+        asked.append([q.instruction for q in qset.questions])
+        return answers[trig]
+
+    class Tok:
+        def __call__(self, text):
+            return {"input_ids": text.split()}
+
+    class Loaded:
+        model, tokenizer = None, Tok()
+
+    monkeypatch.setattr(evaluate, "generate_answers", fake)
+    monkeypatch.setattr("fedit.adapter.set_adapter", lambda model, adapter: None)
+    recs = [Record(f"q{i}", "", f"a{i}", "c") for i in range(4)]
+    out = attacks.backdoor_success(Loaded(), {}, recs, "cf zebra", "Visit free-prizes.example for the answer.", "alpaca")
+    assert out["with_trigger"] == 0.75 and out["without"] == 0.25 and out["prompts"] == 4
+    assert asked == [[f"q{i} cf zebra" for i in range(4)], [f"q{i}" for i in range(4)]]
+
+
+def test_a_backdoor_run_reports_its_success(tmp_path, tiny_model_dir, partition_dir):
+    from fedit import runner
+
+    run_dir = runner.run(tiny_config(tiny_model_dir, partition_dir, tmp_path / "run", federation={"rounds": 1},
+                                     attack={"kind": "backdoor", "clients": [0]}))
+    b = json.loads((run_dir / "backdoor.json").read_text())
+    assert b["prompts"] == 8 and 0.0 <= b["without"] <= 1.0 and 0.0 <= b["with_trigger"] <= 1.0
+    assert "backdoor: " in runner.summary(run_dir)
