@@ -23,7 +23,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from fedit.config import EvalConfig
+from fedit.config import EvalConfig, TrainConfig
 from fedit.data.batches import tokenize
 from fedit.data.prompts import record_prompt
 from fedit.evaluation.heldout import heldout_loss
@@ -60,7 +60,7 @@ class Settings:
     cutoff_len: int = 512
     train_on_inputs: bool = False
     batch_size: int = 8
-    batch_tokens: int = 1024  # most tokens per forward pass of the held-out loss (train.micro_batch_tokens)
+    batch_tokens: int = TrainConfig().micro_batch_tokens  # most tokens per forward pass of the held-out loss
     max_new_tokens: int = 128
     do_sample: bool = False
     temperature: float = 0.7
@@ -69,10 +69,10 @@ class Settings:
 
     @classmethod
     def from_config(cls, ecfg: EvalConfig, template: str, cutoff_len: int, train_on_inputs: bool,
-                    seed: int, batch_tokens: int = 1024) -> "Settings":
+                    seed: int, batch_tokens: int = TrainConfig().micro_batch_tokens) -> "Settings":
         return cls(template=template, cutoff_len=cutoff_len, train_on_inputs=train_on_inputs,
-                   batch_size=ecfg.batch_size, batch_tokens=batch_tokens, max_new_tokens=ecfg.max_new_tokens, do_sample=ecfg.do_sample,
-                   temperature=ecfg.temperature, top_p=ecfg.top_p, seed=seed)
+                   batch_size=ecfg.batch_size, batch_tokens=batch_tokens, max_new_tokens=ecfg.max_new_tokens,
+                   do_sample=ecfg.do_sample, temperature=ecfg.temperature, top_p=ecfg.top_p, seed=seed)
 
     def to_dict(self) -> dict:
         from dataclasses import asdict

@@ -476,8 +476,7 @@ def prepare_server(cfg: Config) -> dict:
     if cfg.eval.every:
         t = cfg.train
         test = tokenize(load_records(test_file).records, loaded.tokenizer, cfg.eval.cutoff_len or t.cutoff_len,
-                        t.train_on_inputs,
-                        cfg.data.template)
+                        t.train_on_inputs, cfg.data.template)
     seen = [Path(cfg.data.clients_dir) / "manifest.json"] if cfg.data.clients_dir else []  # clients' files are theirs
     data_sha256 = fingerprint(seen + ([Path(test_file)] if test_file else []))
     return {"loaded": loaded, "test": test, "manifest_ids": sorted(sizes), "sizes": sizes, "data_sha256": data_sha256}
