@@ -102,6 +102,15 @@ class ClientDP:
     def epsilon(self, rounds: int | None = None) -> float:
         return epsilon(self.z, self.q, self.rounds_done if rounds is None else rounds, self.p.delta)
 
+    def over_budget(self, round_num: int) -> str | None:
+        """Why round ``round_num`` must not run (it would take ε past privacy.max_epsilon), or None."""
+        after = self.epsilon(self.rounds_done + 1)
+        if not self.p.max_epsilon or after <= self.p.max_epsilon:
+            return None
+        return (f"privacy budget: round {round_num} would take ε to {after:.3f}, past privacy.max_epsilon = "
+                f"{self.p.max_epsilon:g} (ε = {self.epsilon():.3f} at δ = {self.p.delta:g} after round "
+                f"{round_num - 1}); the run stops here")
+
     def select(self, client_ids: list[int]) -> list[int]:
         """Poisson sampling with the secret generator: each client joins with probability q."""
         draws = torch.rand(len(client_ids), generator=self.generator, dtype=torch.float64)

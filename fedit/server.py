@@ -188,6 +188,7 @@ def run(cfg: Config, runtime: Runtime, run_dir: str | Path, *, client_ids: list[
         atomic_write_json(rd.path / "run.json", {**(meta or {}), "clients": len(client_ids), "clients_per_round": k,
                                                  "data_sha256": data_sha256})
         start, global_adapter, client_rounds = 1, initial_adapter, {}
+
     def saved_state() -> Adapter:  # what a resume needs besides the adapter: the strategy's and DP's state
         return {**strategy.state_dict(), **(prefixed(PRIVACY, dp.state_dict()) if dp is not None else {})}
 
@@ -201,12 +202,10 @@ def run(cfg: Config, runtime: Runtime, run_dir: str | Path, *, client_ids: list[
             hooks.round_end(row)
             report.round(row, [])
         for r in range(start, fed.rounds + 1):
-            if dp is not None and cfg.privacy.max_epsilon and dp.epsilon(dp.rounds_done + 1) > cfg.privacy.max_epsilon:
-                why = (f"privacy budget: round {r} would take ε to {dp.epsilon(dp.rounds_done + 1):.3f}, past "
-                       f"privacy.max_epsilon = {cfg.privacy.max_epsilon:g} (ε = {dp.epsilon():.3f} at δ = "
-                       f"{cfg.privacy.delta:g} after round {r - 1}); the run stops here")
-                log.warning(why)
-                rd.append(event="stop", round=r - 1, reason=why)
+            over = dp.over_budget(r) if dp is not None else None
+            if over:  # before the round that would spend more than privacy.max_epsilon
+                log.warning(over)
+                rd.append(event="stop", round=r - 1, reason=over)
                 break
             t0 = time.perf_counter()
             selected = dp.select(client_ids) if dp is not None and dp.q is not None else \
