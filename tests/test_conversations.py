@@ -186,16 +186,20 @@ def test_natural_clients_one_per_user_with_small_ones_left_out(tmp_path):
     sizes[held] -= 1
     # clients in sorted order of the value, each holding exactly that user's other conversations
     expect = [u for u in ("ann", "bob") if sizes[u] >= 2]
-    assert [c["user"] for c in m["clients"]] == expect
+    assert m["by"] == "user" and [c["value"] for c in m["clients"]] == expect
     for c in m["clients"]:
         recs = load_records(tmp_path / "parts" / c["file"], keep=("user",)).records
-        assert {r.field("user") for r in recs} == {c["user"]} and len(recs) == c["examples"] == sizes[c["user"]]
+        assert {r.field("user") for r in recs} == {c["value"]} and len(recs) == c["examples"] == sizes[c["value"]]
     small = [u for u in ("ann", "bob", "cy") if 0 < sizes[u] < 2]
     assert m["left_out"] == {"records_without_field": sizes[None], "clients_below_min_size": len(small),
                              "records_of_those_clients": sum(sizes[u] for u in small)}
     assert any("left out" in line for line in partition.describe(m, loaded))
     with pytest.raises(FeditError, match="no client left"):
         partition.make(str(src), tmp_path / "none", by="user", min_size=50, test_per_category=1)
+    # a field named like a manifest key does not replace it
+    src_id = write_jsonl(tmp_path / "ids.jsonl", [dict(r, id=r.get("user", "x")) for r in rows])
+    m_id, _ = partition.make(str(src_id), tmp_path / "by-id", by="id", test_per_category=1, seed=3)
+    assert [c["id"] for c in m_id["clients"]] == list(range(len(m_id["clients"])))
 
 
 def test_label_makes_another_field_the_category(tmp_path):
@@ -237,7 +241,7 @@ def test_conversations_partitioned_by_user_train_resume_and_evaluate(tmp_path, t
         assert cli.main(["partition", "--data", str(path), "--by", "user", "--test-per-category", "1",
                          "--out", str(parts)]) in (0, None)
         m = json.loads((parts / "manifest.json").read_text())
-        assert [c["user"] for c in m["clients"]] == ["u0", "u1", "u2"]
+        assert [c["value"] for c in m["clients"]] == ["u0", "u1", "u2"]
         assert len(m["skipped"]) == (1 if fmt == "jsonl" else 0)
     # the ShareGPT partition trains too (one round), the JSONL one is followed below
     one = runner.run(tiny_config(model, tmp_path / "parts-json", tmp_path / "run-json", data={"template": "chat"},

@@ -192,7 +192,8 @@ def write(out: str | Path, loaded: LoadResult, sp: Split, *, scheme: str, seed: 
             name = client_file(c, n)
             write_jsonl(tmp / name, (records[i] for i in idx))
             manifest["clients"].append({"id": c, "file": name, "examples": len(idx),
-                                        **({by: sp.names[c]} if by else {}),
+                                        # under its own key: a field named "id" or "file" must not replace those
+                                        **({"value": sp.names[c]} if by else {}),
                                         "categories": dict(Counter(records[i].category for i in idx))})
         atomic_write_json(tmp / "manifest.json", manifest)
         plot_heterogeneity(manifest, tmp / "heterogeneity.png")
