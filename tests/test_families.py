@@ -98,7 +98,7 @@ def test_an_attention_fedit_cannot_compute_is_left_to_the_model(family_dirs, rec
     assert fedit_loss_per_example(loaded, exs) == pytest.approx([own_loss(loaded.model, e) for e in exs], rel=1e-5)
 
 
-@pytest.mark.parametrize("family", ["qwen2", "mistral", "gemma2"])
+@pytest.mark.parametrize("family", ["mistral", "gemma2"])  # the families off the Llama path
 def test_a_short_run_trains_resumes_and_opens_in_peft(family, family_dirs, partition_dir, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
