@@ -121,10 +121,14 @@ class ClientDP:
 
     def state_dict(self) -> Arrays:
         return {"clip": torch.tensor([self.clip], dtype=torch.float64),
+                "noise": torch.tensor([self.z, self.z_delta], dtype=torch.float64),
                 "rounds": torch.tensor([self.rounds_done], dtype=torch.int64), "generator": self.generator.get_state()}
 
     def load_state_dict(self, state: Arrays) -> None:
         self.clip = float(state["clip"][0])
+        # the run's noise stays what it started with, even if a resumed config asks more rounds of
+        # target_epsilon: the ledger counts one noise multiplier for every round
+        self.z, self.z_delta = (float(v) for v in state["noise"])
         self.rounds_done = int(state["rounds"][0])
         self.generator.set_state(state["generator"])
 

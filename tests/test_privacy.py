@@ -280,3 +280,13 @@ def test_canaries_are_exposed_without_dp_and_hidden_with_it(tmp_path, tiny_model
     # uniform ranks average 1.44 bits; a mean of 3 uniform ranks' exposures passes 3.5 bits with p < 1%
     assert eps < 2 and hidden["mean_exposure"] < 3.5
 
+
+
+def test_a_resumed_run_keeps_the_noise_it_started_with():
+    """target_epsilon calibrates z for the configured rounds; a resume that asks for more rounds must not
+    change z under the rounds already spent (the ledger counts one z)."""
+    first = mechanism(target_epsilon=5.0, rounds=2)
+    later = mechanism(target_epsilon=5.0, rounds=3)
+    assert later.z > first.z  # more rounds at the same ε need more noise
+    later.load_state_dict(first.state_dict())
+    assert (later.z, later.z_delta, later.rounds_done) == (first.z, first.z_delta, 0)
