@@ -36,6 +36,7 @@ continues the same stream and ends bit-identical to an uninterrupted one; two fr
 
 from __future__ import annotations
 
+import logging
 import math
 import secrets
 
@@ -45,6 +46,7 @@ from fedit.aggregators import clip_norm
 from fedit.errors import FeditError
 
 Arrays = dict[str, torch.Tensor]
+log = logging.getLogger(__name__)
 
 
 def dp_event(noise_multiplier: float, sampling_rate: float | None):
@@ -94,6 +96,9 @@ class ClientDP:
                 raise FeditError(f"adaptive clipping: the count noise σ_b = {self.sigma_b:g} leaves no noise for the "
                                  f"updates at z = {self.z:g} (needs σ_b > z / 2); raise privacy.count_noise")
             self.z_delta = rest ** -0.5
+        if p.delta >= 1 / num_clients:  # δ is the chance the guarantee fails: 1/N lets it fail for a client
+            log.warning("privacy.delta = %g is not below 1 / %d clients: the (ε, δ) guarantee is weak; choose a "
+                        "smaller δ", p.delta, num_clients)
         self.clip = p.clipping_norm
         self.rounds_done = 0
         self.last_report: dict = {}  # the last round's figures, for its metrics line

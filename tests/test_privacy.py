@@ -290,3 +290,10 @@ def test_a_resumed_run_keeps_the_noise_it_started_with():
     assert later.z > first.z  # more rounds at the same ε need more noise
     later.load_state_dict(first.state_dict())
     assert (later.z, later.z_delta, later.rounds_done) == (first.z, first.z_delta, 0)
+
+
+def test_a_delta_not_below_one_over_the_clients_is_warned_about(caplog):
+    mechanism(num_clients=10, delta=1e-5)
+    assert "weak" not in caplog.text
+    mechanism(num_clients=10, delta=0.1)
+    assert "privacy.delta = 0.1 is not below 1 / 10 clients" in caplog.text
