@@ -72,7 +72,7 @@ def backdoor_success(loaded, adapter, records: list[Record], trigger: str, targe
     want = " ".join(target.split())
     out = {"trigger": trigger, "target": target, "prompts": len(records)}
     for name, recs in (("with_trigger", [triggered(r, trigger, target) for r in records]), ("without", records)):
-        qs = [Question(str(i), r.category, r.instruction, r.context, None, r.messages[:-2]) for i, r in enumerate(recs)]
+        qs = [Question.from_record(i, r) for i, r in enumerate(recs)]
         answers = generate_answers(loaded, QuestionSet(qs, "records", "held-out", len(qs), []), settings)
         hits = [want in " ".join(a.split()) for a in answers]
         out[name] = sum(hits) / len(hits) if hits else 0.0

@@ -29,6 +29,12 @@ class Question:
             return asked
         return "".join(f"{role}: {content}\n\n" for role, content in self.history) + f"user: {asked}"
 
+    @classmethod
+    def from_record(cls, i: int, r: Record, reference: str | None = None) -> "Question":
+        """Record ``r`` asked as question ``i``: its (last) question after the turns before it."""
+        return cls(id=str(i), category=r.category, instruction=r.instruction, context=r.context,
+                   reference=reference, history=r.messages[:-2])
+
     def record(self) -> Record:
         if self.history:
             turns = (*self.history, ("user", self.instruction), ("assistant", self.reference or ""))
@@ -104,6 +110,5 @@ def load_questions(path: str | Path, limit: int = 0, seed: int = 42) -> Question
     if is_vicuna_file(p):
         return load_vicuna(p, limit, seed)
     loaded = load_records(p)
-    qs = [Question(id=str(i), category=r.category, instruction=r.instruction, context=r.context, reference=r.response,
-                   history=r.messages[:-2]) for i, r in enumerate(loaded.records)]
+    qs = [Question.from_record(i, r, r.response) for i, r in enumerate(loaded.records)]
     return QuestionSet(qs, "records", str(p), len(qs), loaded.skipped)
