@@ -106,6 +106,20 @@ def test_write_makes_files_manifest_and_plot(tmp_path, records_file):
     assert (out / "heterogeneity.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_partition_fingerprint_follows_the_data_not_the_manifests_format(tmp_path, records_file):
+    loaded = load_records(records_file)
+    sp = partition.split(loaded.records, 3, "iid", seed=0, test_per_category=2)
+    out = tmp_path / "out"
+    partition.write(out, loaded, sp, scheme="iid", seed=0, alpha=0.5, test_per_category=2)
+    before = partition.partition_sha256(out)
+    m = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps({**m, "a_field_a_newer_version_adds": 1}, indent=2))
+    assert partition.partition_sha256(out) == before  # runs on these files stay reusable
+    with open(out / m["clients"][1]["file"], "a") as f:
+        f.write(json.dumps({"instruction": "new", "response": "row", "category": "open_qa"}) + "\n")
+    assert partition.partition_sha256(out) != before
+
+
 def test_heterogeneity_plot_labels_clients_with_whole_numbers(tmp_path, monkeypatch):
     import matplotlib.figure
 

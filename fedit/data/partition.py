@@ -283,10 +283,12 @@ def fingerprint(files: list[Path]) -> str:
 
 
 def partition_sha256(clients_dir: str | Path, test_file: str | Path | None = None) -> str:
-    """The fingerprint of a partition as a run sees it: manifest, test file and every client file."""
+    """The fingerprint of a partition as a run sees it: the test file and every client file, by name
+    and bytes. Not the manifest's own bytes: a field a newer fedit adds to it (as "label" was) must
+    not make runs trained on the same files look as if they had other data."""
     d = Path(clients_dir)
     files = [d / c["file"] for c in read_manifest(d)["clients"]]
-    return fingerprint([d / "manifest.json", Path(test_file or d / "test.jsonl"), *files])
+    return fingerprint([Path(test_file or d / "test.jsonl"), *files])
 
 
 def read_manifest(clients_dir: str | Path) -> dict:
