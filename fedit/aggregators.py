@@ -66,6 +66,16 @@ class Aggregator:
         else:
             self.deltas.append(delta)
 
+    def add_sum(self, total: Arrays, count: int, unclipped: float | None = None) -> None:
+        """``count`` changes already added up (secure aggregation), each with weight 1."""
+        if not self.streaming:
+            raise ValueError(f"aggregator {self.kind!r} needs every change, not their sum")
+        for k, v in total.items():
+            if k not in self.acc:
+                self.acc[k] = torch.zeros_like(v, dtype=torch.float64)
+            self.acc[k].add_(v)
+        self.total += count
+
     def result(self) -> Arrays | None:
         if self.streaming:
             return {k: v / self.total for k, v in self.acc.items()} if self.total else None

@@ -220,6 +220,24 @@ class PrivacyConfig:
 
 
 @dataclass(frozen=True)
+class SecAggConfig:
+    enabled: bool = _f(False, "Flower deployments (`fedit flower run --secure-aggregation`): the server learns only "
+                              "the sum of each round's client changes, through Flower's SecAgg+ (Bell et al. 2020); "
+                              "clients send Δ = θ_k − θ with weight 1, so the round's Δ̄ is their unweighted mean.")
+    num_shares: float = _f(1.0, "SecAgg+: the share of the round's clients each client secret-shares its keys with "
+                                "(1.0: all, the original SecAgg).", min=0.0, exclusive_min=True, max=1.0)
+    reconstruction_threshold: float = _f(0.67, "SecAgg+: the share of those shares needed to unmask; a round in "
+                                               "which fewer clients stay is dropped (the run stops, resumable).",
+                                         min=0.0, exclusive_min=True, max=1.0)
+    clipping_range: float = _f(1.0, "SecAgg+: each value of Δ is clipped to [−c, c] before it is quantised "
+                                    "(clients report how many they clipped); under privacy.enabled the round's "
+                                    "clipping norm is used instead.", min=0.0, exclusive_min=True)
+    quantization_range: int = _f(4194304, "SecAgg+: Q, the integers [0, Q] a value is quantised to; the sum is "
+                                          "off by at most clients·2c/Q per value.", min=2)
+    modulus_range: int = _f(4294967296, "SecAgg+: the modulus of the masked sums; must exceed clients·Q.", min=2)
+
+
+@dataclass(frozen=True)
 class RunConfig:
     out: str = _f("runs/fedit", "Run directory: metrics, per-round adapters, resume state, plots.")
     progress: bool = _f(True, "Show progress bars.")
@@ -242,6 +260,7 @@ class Config:
     attack: AttackConfig = field(default_factory=AttackConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     canary: CanaryConfig = field(default_factory=CanaryConfig)
+    secagg: SecAggConfig = field(default_factory=SecAggConfig)
     run: RunConfig = field(default_factory=RunConfig)
     # The chosen strategy's options (its Options dataclass, every value filled in), from [strategy].
     strategy: Any = None
@@ -339,6 +358,20 @@ def from_dict(raw: dict[str, Any], source: str = "config") -> Config:
             if fed.strategy == "scaffold" or lo.aggregation == "product":
                 problems.append("privacy.enabled noises the mean of the adapters' changes only: SCAFFOLD's control "
                                 "variates and lora.aggregation = \"product\" would bypass it")
+        if cfg.secagg.enabled:
+            if fed.aggregator != "mean" or fed.max_update_norm:
+                problems.append("secagg.enabled: the server sees only the sum of the round's changes, so it cannot "
+                                "take a median, choose by Krum or bound single changes; set federation.aggregator = "
+                                "\"mean\" and max_update_norm = 0 (privacy.enabled clips on the clients instead)")
+            if STRATEGIES[fed.strategy].reply_groups != ("adapter",):
+                problems.append(f"secagg.enabled sums the adapters' changes only; strategy {fed.strategy} sends more "
+                                f"(its control variates) and does not run with it")
+            if hetero:
+                problems.append("secagg.enabled sums changes of one shape: it does not run with lora.client_ranks, "
+                                "lora.clients_file, lora.aggregation = \"product\" or lora.freeze_a")
+            if not fed.fraction and fed.clients_per_round < 2:
+                problems.append("secagg.enabled: a sum over one client is that client's change; set "
+                                "federation.clients_per_round >= 2")
         if cfg.attack.kind != "none" and not (cfg.attack.clients or cfg.attack.fraction):
             problems.append(f"attack.kind = {cfg.attack.kind!r} names no malicious client; set attack.clients = [ids] "
                             f"or attack.fraction")

@@ -12,8 +12,9 @@ noised mean as on any Δ̄: post-processing, no further privacy cost.
 
 Neighbouring relation: one client's data added or removed. What is protected: everything
 released after the mechanism (every round's global adapter, metrics of it); not the server's
-view of single updates (that takes secure aggregation), not the noise's floating-point
-representation (Mironov 2012).
+view of single updates (that takes secure aggregation: then each client clips its own change
+and the server noises the sum it is given), not the noise's floating-point representation
+(Mironov 2012).
 
 Accounting (Google's dp-accounting, RDP): with the default ``fixed`` sampling the round's
 clients are drawn with the public seed, so no amplification by sampling is claimed: R rounds
@@ -156,6 +157,14 @@ class NoisedMean:
             self.sum[k].add_(v)
         self.unclipped += int(norm <= self.dp.clip)
         self.clients += 1
+
+    def add_sum(self, total: Arrays, count: int, unclipped: float | None) -> None:
+        """``count`` changes clipped on their clients and added up by secure aggregation, with the
+        sum of their "not clipped" bits (fedit/runtime/flower.py)."""
+        for k, v in total.items():
+            self.sum[k].add_(v.to(torch.float64))
+        self.unclipped += unclipped or 0
+        self.clients += count
 
     def result(self) -> Arrays:
         """(Σ clipped Δ_k + N(0, (z_Δ·C)²)) / m; then C moves for the next round when adaptive. Always a

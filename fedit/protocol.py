@@ -1,7 +1,8 @@
 """What crosses between the server and a client, and the two interfaces an algorithm fills in.
 
 The wire-level types (``FitIns`` down, ``Update`` up, ``Failure`` for a client
-that sent nothing usable) are the only things a runtime carries: the
+that sent nothing usable, ``Summed`` for the round's changes added up by secure
+aggregation) are the only things a runtime carries: the
 in-process simulation passes them as objects, the Flower runtime converts them
 to and from records (runtime/flower.py). Arrays travel as named groups of
 tensors, so an algorithm can send more than the global adapter (SCAFFOLD's
@@ -40,6 +41,9 @@ ADAPTER = "adapter"  # Update: the client's adapter after local training
 # The client resumes its own state from that round, so state from a round the server did not
 # keep (a crash, a rejected update) is never used.
 STATE_ROUND = "state_round"
+# FitIns.config key under client-level DP with secure aggregation: the L2 bound the client clips its
+# own change to (the server never sees a single change to clip).
+CLIP = "clip"
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,28 @@ class Update:
     arrays: dict[str, Arrays]  # ADAPTER always; e.g. "control_delta" for SCAFFOLD
     num_examples: int  # examples actually trained this round (a client capped by max_steps counts fewer)
     metrics: dict[str, float] = field(default_factory=dict)  # free-form; logged under their own key
+
+    @property
+    def adapter(self) -> Arrays:
+        return self.arrays[ADAPTER]
+
+
+@dataclass
+class Summed:
+    """The round's client changes as secure aggregation delivers them: their sum, never one of them.
+
+    Each contributing client sent Δ_k = θ_k − θ (its adapter minus the global adapter it was sent)
+    with weight 1, so the server can form the unweighted mean Σ Δ_k / n and nothing finer. Under
+    client-level DP each Δ_k was clipped on the client to the round's bound (FitIns.config[CLIP])
+    and ``unclipped`` is Σ_k [‖Δ_k‖ ≤ bound], summed with the changes. ``num_examples`` and
+    ``metrics`` are what each client reported in the clear beside its masked vector: logged,
+    never used to weight."""
+
+    clients: list[int]  # whose changes are in the sum
+    arrays: dict[str, Arrays]  # group (ADAPTER) -> Σ_k Δ_k, float64
+    unclipped: float | None = None
+    num_examples: dict[int, int] = field(default_factory=dict)
+    metrics: dict[int, dict] = field(default_factory=dict)
 
     @property
     def adapter(self) -> Arrays:

@@ -109,6 +109,9 @@ def resolve_run(cfg: Config | None, resume: str | None) -> tuple[Config, Path]:
 def run(cfg: Config | None, resume: str | None = None, console=None, loaded: Loaded | None = None) -> Path:
     """Run or resume the federated training in-process; return the run directory."""
     cfg, run_dir = resolve_run(cfg, resume)
+    if cfg.secagg.enabled:  # in one process there is no server to hide single changes from
+        raise FeditError("secagg.enabled: secure aggregation runs between real clients on Flower; launch with "
+                         "`fedit flower run --secure-aggregation` (docs/flower.md), or set secagg.enabled = false")
     prep = prepare(cfg, loaded, run_dir, console.print if console is not None else lambda line: None)
     progress = _Progress(cfg, console) if console is not None and cfg.run.progress else None
     sim = Simulation(prep.loaded, prep.clients, cfg, state_dir=run_dir / "client_state",

@@ -21,7 +21,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Protocol
 
@@ -33,7 +33,7 @@ from fedit.checkpoint import atomic_write, atomic_write_json
 from fedit.config import Config
 from fedit.errors import FeditError
 from fedit.adapter import Adapter, load_adapter_file
-from fedit.protocol import ADAPTER, Failure, FitIns, Update, nbytes
+from fedit.protocol import ADAPTER, CLIP, Failure, FitIns, Summed, Update, nbytes
 from fedit.strategies import build as build_strategy
 from fedit.strategies.base import prefixed, unprefixed
 
@@ -43,7 +43,10 @@ PRIVACY = "privacy"  # prefix of the DP mechanism's state among the strategy's s
 
 class Runtime(Protocol):
     """Trains the selected clients, one FitIns each; yields an Update per reply, or a Failure for a
-    client that did not reply (the loop logs it and goes on without it)."""
+    client that did not reply (the loop logs it and goes on without it). A runtime whose ``secure``
+    is true yields instead one Summed, the sum of the changes that reached the server's aggregate."""
+
+    secure: bool
 
     def fit(self, round_num: int, instructions: list[FitIns]) -> Iterable[Update | Failure]: ...
 
@@ -143,6 +146,7 @@ def run(cfg: Config, runtime: Runtime, run_dir: str | Path, *, client_ids: list[
     rd = RunDir(run_dir)
     fed = cfg.federation
     strategy = build_strategy(cfg, len(client_ids))
+    secure = getattr(runtime, "secure", False)  # it delivers the round's changes as one Summed
     plan = hetero.LoraPlan(cfg, hetero.client_loras(cfg, client_ids, {hetero.short_name(k) for k in initial_adapter}),
                            initial_adapter)
     k = max(1, round(fed.fraction * len(client_ids))) if fed.fraction > 0 else fed.clients_per_round
@@ -212,6 +216,8 @@ def run(cfg: Config, runtime: Runtime, run_dir: str | Path, *, client_ids: list[
                 strategy.select(r, client_ids, k, fed.seed)
             hooks.round_start(r, selected)
             instructions = [strategy.configure(r, cid, global_adapter, client_rounds.get(cid, 0)) for cid in selected]
+            if dp is not None and secure:  # the server never sees a single change: each client clips its own
+                instructions = [replace(ins, config={**ins.config, CLIP: dp.clip}) for ins in instructions]
             if plan.active:  # each client gets its own rank and modules of the global adapter
                 instructions = [plan.down(ins) for ins in instructions]
             sent = {ins.client_id: ins for ins in instructions}
@@ -227,6 +233,9 @@ def run(cfg: Config, runtime: Runtime, run_dir: str | Path, *, client_ids: list[
             def accepted(updates: Iterable[Update | Failure]) -> Iterator[Update]:
                 # A bad update is logged with its reason and left out: it never reaches the aggregate.
                 for u in updates:
+                    if isinstance(u, Summed):
+                        yield from summed(u)
+                        continue
                     if isinstance(u, Failure):
                         log_client(client=u.client_id, accepted=False, reason=u.reason)
                         log.warning("round %d: client %s dropped: %s", r, u.client_id, u.reason)
@@ -250,12 +259,32 @@ def run(cfg: Config, runtime: Runtime, run_dir: str | Path, *, client_ids: list[
                         accepted_ids.append(u.client_id)
                         yield plan.up(u, global_adapter) if plan.active and plan.mode == "factors" else u
 
+            def summed(u: Summed) -> Iterator[Summed]:
+                # Secure aggregation: the sum is checked as a whole (shapes, finite); its clients are logged
+                # with what each reported in the clear; it enters aggregation whole or not at all.
+                ids = [c for c in u.clients if c in sent and c not in accepted_ids]
+                ref = sent[ids[0]].global_adapter if ids else None
+                problem = "no contributor of the sum was asked for an update this round" if len(ids) != len(
+                    u.clients) or not ids else check_update(Update(-1, u.arrays, len(ids)), ref)
+                for c in u.clients:
+                    log_client(client=c, num_examples=u.num_examples.get(c), accepted=problem is None, reason=problem,
+                               secure=True, bytes_down=down.get(c, 0), metrics=u.metrics.get(c, {}))
+                if problem:
+                    log.warning("round %d: the securely aggregated sum of clients %s rejected: %s", r, u.clients,
+                                problem)
+                    rejected.extend({"client": c, "reason": problem} for c in u.clients)
+                    return
+                accepted_ids.extend(ids)
+                yield u
+
             replies = accepted(runtime.fit(r, instructions))
             if plan.mode == "product":
                 new_adapter, used = plan.product_mean(global_adapter, replies)
             else:
                 new_adapter, used = strategy.aggregate(r, global_adapter, replies)
-            if used < fed.min_replies and not (dp is not None and not selected):  # an empty Poisson sample is a round
+            # Under DP an empty Poisson sample is a round (it releases noise), and so is a secure round with
+            # fewer than two clients (a sum over one would be that client's change: it is not used).
+            if used < fed.min_replies and not (dp is not None and (not selected or secure and len(selected) < 2)):
                 raise FeditError(f"round {r}: only {used} valid client update(s), fewer than federation.min_replies = "
                                  f"{fed.min_replies} (rejected: {rejected}); the run stopped after round {r - 1} and "
                                  f"can be resumed with `fedit run --resume {rd.path}`")

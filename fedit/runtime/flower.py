@@ -62,6 +62,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedit import config as config_mod
 from fedit.config import Config
 from fedit.errors import FeditError
+from fedit.runtime.flower_secagg import is_secure, secagg_if_configured, secure_reply, secure_sum
 
 log = logging.getLogger("fedit.flower")
 
@@ -169,7 +170,7 @@ def content_to_fitins(content: RecordDict):
     return FitIns(int(conf["round"]), int(conf["client-id"]), _array_groups(content), dict(content["fitins"]))
 
 
-@client_app.train()
+@client_app.train(mods=[secagg_if_configured])
 def _train(msg: Message, context: Context) -> Message:
     t0 = time.perf_counter()
     from fedit import client
@@ -183,6 +184,10 @@ def _train(msg: Message, context: Context) -> Message:
     cid, path = _node_identity(context, cfg)
     if cid != ins.client_id:
         raise FeditError(f"this SuperNode is client {cid}, but the message is for client {ins.client_id}")
+    secure = is_secure(msg.content)
+    if context.node_config.get("secure-aggregation", False) is True and not secure:
+        raise FeditError(f"client {cid} sends its change only through secure aggregation (node config "
+                         f"secure-aggregation=true) and this round asked for it in the clear: refused")
     if path is None:
         raise FeditError("this SuperNode has no data-path in its node config and the server's data.clients_dir is "
                          "not set; start it with --node-config 'client-id=N data-path=\"/path/to/client_N.jsonl\"'")
@@ -211,10 +216,53 @@ def _train(msg: Message, context: Context) -> Message:
                 del context.state[key]
     metrics = {k: v for k, v in update.metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     metrics["load_seconds"] = round(load_seconds, 3)
+    if secure:
+        arrays, clipped = secure_change(ins, update, msg.content["secure"])
+        metrics["secagg_clipped_values"] = clipped
+        return Message(secure_reply(arrays, {CLIENT_ID: cid, NUM_EXAMPLES: update.num_examples,
+                                             **{METRIC + k: v for k, v in metrics.items()}}), reply_to=msg)
     records = {"reply": ConfigRecord({"client-id": cid, "num-examples": update.num_examples}),
                "metrics": MetricRecord(metrics)}
     records.update({ARRAYS + g: adapter_to_record(a) for g, a in update.arrays.items()})
     return Message(RecordDict(records), reply_to=msg)
+
+
+# Fields of a secure reply's plaintext metrics (Flower's FitRes has one flat dict for them).
+CLIENT_ID, NUM_EXAMPLES, METRIC = "fedit.client-id", "fedit.num-examples", "metric."
+
+
+def secure_change(ins, update, secure: ConfigRecord) -> tuple[list, int]:
+    """What a client sends in a secure round: Δ = θ_k − θ per tensor (sorted by name, float64), and
+    under client-level DP, Δ clipped here plus one value holding C·[not clipped]; with the number
+    of values beyond the clipping range (Flower clips them before quantising).
+
+    Under DP the clip is to C·(1 − 2√d/Q), not C: quantisation moves each of the d values by less
+    than one step 2C/Q, so what enters the sum has norm at most C, the sensitivity the accountant
+    assumes."""
+    import math
+
+    import numpy as np
+    import torch
+
+    from fedit.aggregators import clip_norm
+    from fedit.protocol import CLIP
+
+    glob = ins.global_adapter
+    keys = sorted(glob)
+    delta = {k: update.adapter[k].to(torch.float64) - glob[k].to(torch.float64) for k in keys}
+    extra = []
+    bound = float(ins.config.get(CLIP, 0.0))
+    if bound:
+        d = sum(v.numel() for v in delta.values())
+        inner = bound * (1 - 2 * math.sqrt(d) / int(secure["quantization-range"]))
+        if inner <= bound / 2:
+            raise FeditError(f"secagg.quantization_range = {secure['quantization-range']} is too coarse for "
+                             f"{d} values under DP; raise it (and secagg.modulus_range)")
+        delta, norm = clip_norm(delta, inner)
+        extra = [np.array([bound if norm <= inner else 0.0])]
+    arrays = [delta[k].numpy() for k in keys] + extra
+    c = float(secure["clipping-range"])
+    return arrays, sum(int((np.abs(a) > c).sum()) for a in arrays)
 
 
 def reply_to_update(content: RecordDict, cid: int):
@@ -314,11 +362,15 @@ class FlowerRuntime:
     def __init__(self, grid: Grid, cfg: Config, nodes: Nodes, poll: float = 0.5):
         self.grid, self.cfg, self.nodes, self.poll = grid, cfg, nodes, poll
         self.cfg_text = config_to_text(cfg)
+        self.secure = cfg.secagg.enabled  # the round's changes arrive as one Summed
 
     def fit(self, round_num: int, instructions: list) -> Iterator:
         from fedit.protocol import Failure
 
         self.nodes.refresh(wait=min(self.nodes.node_wait, 30.0))  # a SuperNode that (re)joined since last round
+        if self.secure:
+            yield from self._secure_fit(round_num, instructions)
+            return
         timeout = self.cfg.federation.round_timeout
         messages, targets = [], []
         for ins in instructions:
@@ -349,6 +401,74 @@ class FlowerRuntime:
                 return
             if pending:
                 time.sleep(self.poll)
+
+
+    def _secure_fit(self, round_num: int, instructions: list) -> Iterator:
+        """One SecAgg+ round (fedit/runtime/flower_secagg.py): a Failure per client that is not in the
+        sum, then one Summed of the others' changes."""
+        import numpy as np
+        import torch
+
+        from fedit.protocol import ADAPTER, CLIP, Failure, Summed
+
+        sc = self.cfg.secagg
+        by_node = {}
+        for ins in instructions:
+            node = self.nodes.by_client.get(ins.client_id)
+            if node is None:
+                yield Failure(ins.client_id, f"no connected SuperNode has client-id = {ins.client_id}")
+            else:
+                by_node[node] = ins
+        if not by_node:
+            return
+        bound = float(instructions[0].config.get(CLIP, 0.0))
+        c = bound or sc.clipping_range  # under DP every value of a clipped change is within ±C
+        problem = None
+        if len(by_node) < 2:
+            problem = "secure aggregation needs at least two clients in a round; this change is not used"
+        elif len(by_node) * sc.quantization_range >= sc.modulus_range:
+            problem = (f"secure aggregation of {len(by_node)} clients needs secagg.modulus_range > clients × "
+                       f"quantization_range = {len(by_node) * sc.quantization_range}")
+        result = None
+        if problem is None:
+            contents = {}
+            for node, ins in by_node.items():
+                contents[node] = fitins_to_content(ins, self.cfg_text)
+                contents[node]["secure"] = ConfigRecord({"clipping-range": c,
+                                                         "quantization-range": sc.quantization_range})
+            timeout = self.cfg.federation.round_timeout or None
+            try:
+                result = secure_sum(self.grid, round_num, contents, sc, c, timeout)
+            except Exception as e:  # e.g. a masked vector of another shape: Flower's unmasking cannot add it
+                log.error("round %d: secure aggregation failed: %s: %s", round_num, type(e).__name__, e)
+                problem = f"secure aggregation failed: {type(e).__name__}: {str(e)[:200]}"
+            else:
+                if result is None:
+                    problem = ("secure aggregation halted: fewer clients than secagg.reconstruction_threshold "
+                               "stayed in the round, so nothing was unmasked")
+        if problem:
+            for ins in by_node.values():
+                yield Failure(ins.client_id, problem)
+            return
+        for node, ins in by_node.items():
+            if node not in result.contributors:
+                yield Failure(ins.client_id, "left the round during secure aggregation; its change is not in "
+                                             "the sum (the others' masks for it were removed with their shares)")
+        clients, num_examples, metrics = [], {}, {}
+        for node in result.contributors:
+            cid, m = by_node[node].client_id, result.metrics.get(node, {})
+            if m.get(CLIENT_ID) != cid:  # the sum is what it is; the mismatch is for the operator to see
+                log.warning("round %d: SuperNode %s (client %s) reported client-id %r", round_num, node, cid,
+                            m.get(CLIENT_ID))
+            clients.append(cid)
+            num_examples[cid] = m.get(NUM_EXAMPLES)
+            metrics[cid] = {k[len(METRIC):]: v for k, v in m.items() if k.startswith(METRIC)}
+        keys = sorted(instructions[0].global_adapter)
+        total = [torch.from_numpy(np.asarray(a, dtype=np.float64)) for a in result.total]
+        unclipped = None
+        if bound:  # the last value: Σ C·[not clipped]
+            unclipped = float(round(float(total.pop()[0]) / bound)) if total and total[-1].numel() == 1 else None
+        yield Summed(clients, {ADAPTER: dict(zip(keys, total))}, unclipped, num_examples, metrics)
 
 
 server_app = ServerApp()

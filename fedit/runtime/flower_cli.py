@@ -48,6 +48,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     r.add_argument("--simulation", type=int, default=0, metavar="N",
                    help="the SuperLink runs Flower's simulation runtime (flower-superlink --simulation) with N "
                         "virtual SuperNodes: virtual node i is client i, its data from data.clients_dir")
+    r.add_argument("--secure-aggregation", action="store_true",
+                   help="the server learns only the sum of each round's client changes (Flower's SecAgg+; "
+                        "the [secagg] table of --help-config); the same as secagg.enabled=true")
     r.add_argument("--quiet", action="store_true", help="do not stream the server's log")
     r.add_argument("overrides", nargs="*", metavar="section.key=value")
     return p
@@ -56,14 +59,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def main(args: argparse.Namespace, console) -> None:
     from fedit import config as config_mod
 
-    if args.resume and (args.config or args.overrides):
+    if args.resume and (args.config or args.overrides or args.secure_aggregation):
         raise FeditError("--resume continues a run with the config saved in its directory; "
-                         "leave out --config and key=value overrides")
+                         "leave out --config, --secure-aggregation and key=value overrides")
     run_config: dict = {"min-nodes": args.min_nodes, "node-wait": float(args.node_wait)}
     if args.resume:
         run_config["resume"] = str(Path(args.resume).resolve())
     else:
-        cfg = absolute_paths(config_mod.load(args.config, args.overrides))
+        overrides = [*args.overrides, *(["secagg.enabled=true"] if args.secure_aggregation else [])]
+        cfg = absolute_paths(config_mod.load(args.config, overrides))
         run_config["fedit-config"] = config_mod.to_toml(cfg)
     conn = {"address": args.superlink}
     if args.insecure:

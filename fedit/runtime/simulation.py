@@ -61,6 +61,8 @@ class ClientStateDir:
 
 
 class Simulation:
+    secure = False  # every update reaches the server on its own (fedit.server.Runtime)
+
     def __init__(self, loaded: Loaded, clients: ClientFiles, cfg: Config, state_dir: str | Path | None = None,
                  on_client: Callable[[int, int], Callable[[int, int], None] | None] | None = None):
         self.loaded, self.clients, self.cfg = loaded, clients, cfg

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from fedit.aggregators import Aggregator, clip_norm
-from fedit.protocol import ADAPTER, GLOBAL, STATE_ROUND, Arrays, ClientAlgorithm, FitIns, Update
+from fedit.protocol import ADAPTER, GLOBAL, STATE_ROUND, Arrays, ClientAlgorithm, FitIns, Summed, Update
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,11 +80,16 @@ class ServerOptimizer(Strategy):
     """Δ̄ from the client changes θ_k − θ (in float64; by default Σ p_k (θ_k − θ) with p_k = n_k / Σ n,
     streamed; a robust aggregator or a norm bound if configured); ``step`` makes θ from θ and Δ̄."""
 
-    def aggregate(self, round_num: int, global_adapter: Arrays, updates: Iterable[Update]) -> tuple[Arrays, int]:
+    def aggregate(self, round_num: int, global_adapter: Arrays,
+                  updates: Iterable[Update | Summed]) -> tuple[Arrays, int]:
         base = {k: v.to(torch.float64) for k, v in global_adapter.items()}
         combine = self.privacy.combiner(base) if self.privacy else Aggregator(**self.aggregator)
         used = 0
         for u in updates:
+            if isinstance(u, Summed):  # secure aggregation: the contributors' changes, already added up
+                combine.add_sum({k: v.to(torch.float64) for k, v in u.adapter.items()}, len(u.clients), u.unclipped)
+                used += len(u.clients)
+                continue
             delta = {k: v.to(torch.float64) - base[k] for k, v in u.adapter.items()}
             if self.max_update_norm:
                 delta, _ = clip_norm(delta, self.max_update_norm)

@@ -1,0 +1,270 @@
+"""Secure aggregation without a network: the maths of a secure sum in the strategies and the DP
+mechanism, what a client sends, how the runtime and the round loop treat a sum, and what is refused.
+The SecAgg+ protocol itself runs on real SuperNodes in tests/test_flower.py."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fedit import config, runner, server
+from fedit.config import PrivacyConfig
+from fedit.errors import FeditError
+from fedit.protocol import ADAPTER, CLIP, Failure, FitIns, Summed, Update
+from fedit.strategies import FedAdam, FedAvg
+
+from conftest import tiny_config
+
+
+def l2(arrays) -> float:
+    return math.sqrt(sum(float(np.square(np.asarray(a, dtype=np.float64)).sum()) for a in arrays))
+
+
+def test_fedavg_on_a_secure_sum_steps_by_the_sum_over_its_clients():
+    theta = {"w": torch.tensor([1.0, 2.0]), "v": torch.tensor([[0.5]])}
+    total = {"w": torch.tensor([0.3, -0.6], dtype=torch.float64), "v": torch.tensor([[0.9]], dtype=torch.float64)}
+    new, used = FedAvg().aggregate(1, theta, iter([Summed([4, 7, 9], {ADAPTER: total})]))
+    assert used == 3
+    assert torch.allclose(new["w"], torch.tensor([1.1, 1.8])) and torch.allclose(new["v"], torch.tensor([[0.8]]))
+    assert new["w"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("strategy", [FedAvg, FedAdam])
+def test_a_secure_sum_is_bit_identical_to_its_changes_sent_one_by_one_with_one_example_each(strategy):
+    g = torch.Generator().manual_seed(0)
+    theta = {"a": torch.randn(3, 4, generator=g), "b": torch.randn(5, generator=g)}
+    changes = [{k: torch.randn(v.shape, generator=g, dtype=torch.float64) * 0.01 for k, v in theta.items()}
+               for _ in range(3)]
+    plain = [Update(i, {ADAPTER: {k: (theta[k].double() + d[k]).float() for k in theta}}, 1) for i, d in
+             enumerate(changes)]
+    # the sum of exactly what the plain path sees, θ_k − θ in float64, in the same order
+    seen = [{k: u.adapter[k].double() - theta[k].double() for k in theta} for u in plain]
+    total = {k: torch.zeros_like(theta[k], dtype=torch.float64).add_(seen[0][k]).add_(seen[1][k]).add_(seen[2][k])
+             for k in theta}
+    a, b = strategy(), strategy()
+    new_plain, n_plain = a.aggregate(1, theta, iter(plain))
+    new_secure, n_secure = b.aggregate(1, theta, iter([Summed([0, 1, 2], {ADAPTER: total})]))
+    assert n_plain == n_secure == 3
+    assert all(torch.equal(new_plain[k], new_secure[k]) for k in theta)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_dp_on_a_secure_sum_is_bit_identical_to_dp_on_the_clipped_changes():
+    """The DP mechanism given the clients' (already clipped) changes one by one, or their sum and their
+    count of unclipped ones: the same noised mean and the same next clipping bound."""
+    from fedit import privacy
+
+    def mechanism():
+        dp = privacy.ClientDP(PrivacyConfig(enabled=True, clipping_norm=1.0, noise_multiplier=1.0, adaptive=True,
+                                            count_noise=1.0), 4, 20, 10)
+        dp.generator.manual_seed(3)
+        return dp
+
+    changes = [{"w": torch.tensor([0.6, 0.8], dtype=torch.float64)},  # on the bound: counted unclipped
+               {"w": torch.tensor([0.1, 0.0], dtype=torch.float64)},
+               {"w": torch.tensor([0.0, -0.5], dtype=torch.float64)}]
+    one_by_one, summed = mechanism(), mechanism()
+    mean = one_by_one.combiner({"w": torch.zeros(2)})
+    for d in changes:
+        mean.add(d, 1)
+    expected = mean.result()
+    mean = summed.combiner({"w": torch.zeros(2)})
+    total = torch.zeros(2, dtype=torch.float64).add_(changes[0]["w"]).add_(changes[1]["w"]).add_(changes[2]["w"])
+    mean.add_sum({"w": total}, 3, 3.0)
+    got = mean.result()
+    assert torch.equal(got["w"], expected["w"])
+    assert summed.clip == one_by_one.clip != 1.0 and summed.rounds_done == 1
+
+
+def _update(glob, new):
+    return FitIns(1, 0, {"global": glob}, {}), Update(0, {ADAPTER: new}, 5)
+
+
+def test_a_client_sends_its_change_in_the_clear_of_nothing_but_the_sum():
+    from fedit.runtime.flower import secure_change
+
+    glob = {"b": torch.tensor([1.0]), "a": torch.tensor([[0.0, 2.0]])}
+    ins, up = _update(glob, {"a": torch.tensor([[3.0, 2.0]]), "b": torch.tensor([-3.0])})
+    arrays, clipped = secure_change(ins, up, {"clipping-range": 3.5, "quantization-range": 1024})
+    # sorted by name: a, then b; Δ, not the adapter; no DP value; one value (−4) beyond ±3.5
+    assert [a.tolist() for a in arrays] == [[[3.0, 0.0]], [-4.0]] and clipped == 1
+    assert all(a.dtype == np.float64 for a in arrays)
+
+
+def test_under_dp_a_client_clips_so_that_its_quantised_change_stays_within_c():
+    """Worked by hand: Δ = (3, 4), C = 1, Q = 1024, d = 2: the clip is to 1 − 2√2/1024, and the last
+    value is 0 (clipped). Then the direction that matters: Flower's own stochastic quantisation of a
+    change clipped to exactly C leaves the ball in most draws; of one clipped to fedit's bound, never."""
+    from flwr.common.secure_aggregation.quantization import dequantize, quantize
+
+    from fedit.runtime.flower import secure_change
+
+    glob = {"a": torch.tensor([0.0, 0.0])}
+    ins, up = _update(glob, {"a": torch.tensor([3.0, 4.0])})
+    ins = FitIns(1, 0, ins.arrays, {CLIP: 1.0})
+    arrays, _ = secure_change(ins, up, {"clipping-range": 1.0, "quantization-range": 1024})
+    inner = 1 - 2 * math.sqrt(2) / 1024
+    assert np.allclose(arrays[0], [0.6 * inner, 0.8 * inner], rtol=0, atol=1e-15) and arrays[1].tolist() == [0.0]
+    small = {"a": torch.tensor([0.03, 0.0])}
+    arrays, _ = secure_change(ins, Update(0, {ADAPTER: small}, 5), {"clipping-range": 1.0, "quantization-range": 1024})
+    assert arrays[1].tolist() == [1.0]  # not clipped: C·1
+
+    d, q, c = 1000, 2 ** 10, 1.0
+    rng = np.random.default_rng(0)
+    glob = {"a": torch.zeros(d)}
+    ins = FitIns(1, 0, {"global": glob}, {CLIP: c})
+    outside_at_c, outside_ours = 0, 0
+    np.random.seed(0)  # Flower's rounding draws from numpy's global generator
+    for _ in range(50):
+        v = rng.normal(size=d)
+        at_c = v / np.linalg.norm(v) * c
+        ours, _ = secure_change(ins, Update(0, {ADAPTER: {"a": torch.from_numpy(v)}}, 1),
+                                {"clipping-range": c, "quantization-range": q})
+        for arr, counter in ((at_c, "at_c"), (ours[0], "ours")):
+            back = dequantize(quantize([arr], c, q), c, q)[0]
+            if l2([back]) > c:
+                if counter == "at_c":
+                    outside_at_c += 1
+                else:
+                    outside_ours += 1
+    assert outside_at_c > 25 and outside_ours == 0
+
+
+class SecureRuntime:
+    """A runtime that hands the round loop a sum, as FlowerRuntime does under SecAgg+."""
+
+    secure = True
+
+    def __init__(self, total, drop=(2,)):
+        self.total, self.drop, self.seen = total, drop, []
+
+    def fit(self, round_num, instructions):
+        self.seen.append(instructions)
+        ids = [i.client_id for i in instructions]
+        for c in ids:
+            if c in self.drop:
+                yield Failure(c, "left the round during secure aggregation")
+        kept = [c for c in ids if c not in self.drop]
+        yield Summed(kept, {ADAPTER: self.total}, 2.0 if CLIP in instructions[0].config else None,
+                     {c: 10 + c for c in kept}, {c: {"train_loss": 1.0, "num_examples": -5} for c in kept})
+
+
+def _loop(tmp_path, runtime, **sections):
+    cfg = tiny_config(tmp_path, tmp_path, tmp_path / "run", federation={"rounds": 1, "clients_per_round": 3},
+                      eval={"every": 0}, secagg={"enabled": True}, **sections)
+    theta = {"x.lora_A.weight": torch.tensor([[1.0, 2.0]]), "x.lora_B.weight": torch.tensor([[0.5]])}
+    final = server.run(cfg, runtime, tmp_path / "run", client_ids=[0, 1, 2], initial_adapter=theta,
+                       save_adapter=lambda a, p: p.mkdir(parents=True, exist_ok=True))
+    return theta, final, server.RunDir(tmp_path / "run")
+
+
+def test_the_round_loop_steps_on_a_secure_sum_and_logs_each_of_its_clients(tmp_path):
+    total = {"x.lora_A.weight": torch.tensor([[0.2, -0.4]], dtype=torch.float64),
+             "x.lora_B.weight": torch.tensor([[0.1]], dtype=torch.float64)}
+    theta, final, rd = _loop(tmp_path, SecureRuntime(total))
+    assert torch.allclose(final["x.lora_A.weight"], torch.tensor([[1.1, 1.8]]))  # θ + Σ/2: clients 0 and 1
+    assert torch.allclose(final["x.lora_B.weight"], torch.tensor([[0.55]]))
+    rows = {c["client"]: c for c in rd.events("client")}
+    assert rows[0]["accepted"] and rows[0]["secure"] and rows[0]["num_examples"] == 10
+    assert rows[0]["metrics"] == {"train_loss": 1.0, "num_examples": -5}  # a metric, never the server's field
+    assert not rows[2]["accepted"] and "secure aggregation" in rows[2]["reason"]
+    assert rd.events("round")[1]["accepted"] == 2
+
+
+def test_under_dp_the_loop_sends_each_client_the_bound_to_clip_to(tmp_path):
+    total = {"x.lora_A.weight": torch.zeros(1, 2, dtype=torch.float64),
+             "x.lora_B.weight": torch.zeros(1, 1, dtype=torch.float64)}
+    rt = SecureRuntime(total)
+    _loop(tmp_path, rt, privacy={"enabled": True, "clipping_norm": 0.25})
+    assert [i.config[CLIP] for i in rt.seen[0]] == [0.25, 0.25, 0.25]
+    assert SecureRuntime.secure and not getattr(runner.Simulation, "secure")
+
+
+def test_a_sum_of_the_wrong_shape_is_rejected_whole_and_the_run_stops(tmp_path):
+    total = {"x.lora_A.weight": torch.zeros(2, 2, dtype=torch.float64),
+             "x.lora_B.weight": torch.zeros(1, 1, dtype=torch.float64)}
+    with pytest.raises(FeditError, match="fewer than federation.min_replies"):
+        _loop(tmp_path, SecureRuntime(total))
+    rows = server.RunDir(tmp_path / "run").events("client")
+    assert [r["accepted"] for r in rows] == [False] * 3
+    assert all("shape" in r["reason"] for r in rows if r["client"] != 2)
+
+
+class FakeNodes:
+    def __init__(self, by_client):
+        self.by_client, self.node_wait = by_client, 1.0
+
+    def refresh(self, wait=None):
+        pass
+
+
+def test_the_flower_runtime_turns_a_secure_sum_into_failures_and_one_summed(monkeypatch):
+    from fedit.runtime import flower, flower_secagg
+
+    cfg = tiny_config("m", "c", "o", secagg={"enabled": True}, federation={"clients_per_round": 3})
+    theta = {"b": torch.zeros(1), "a": torch.zeros(2, 2)}
+    asked = {}
+
+    def fake_secure_sum(grid, round_num, contents, sc, clipping_range, timeout):
+        asked.update(contents=contents, clipping_range=clipping_range)
+        if fail:
+            return None
+        # nodes 11 and 12 stayed; node 13 (client 2) left; arrays in sorted-name order, then C·Σ bits
+        return flower_secagg.SecureSum([np.ones((2, 2)), np.full(1, 2.0), np.array([0.5 * 2.0000001])], [11, 12], {
+            11: {flower.CLIENT_ID: 0, flower.NUM_EXAMPLES: 4, "metric.train_loss": 2.5},
+            12: {flower.CLIENT_ID: 1, flower.NUM_EXAMPLES: 6}})
+
+    monkeypatch.setattr(flower, "secure_sum", fake_secure_sum)
+    rt = flower.FlowerRuntime(grid=None, cfg=cfg, nodes=FakeNodes({0: 11, 1: 12, 2: 13}))
+    assert rt.secure
+    ins = [FitIns(1, c, {"global": theta}, {CLIP: 0.5}) for c in (0, 1, 2, 3)]
+    fail = False
+    out = list(rt.fit(1, ins))
+    assert [type(o).__name__ for o in out] == ["Failure", "Failure", "Summed"]
+    assert out[0].client_id == 3 and "no connected SuperNode" in out[0].reason
+    assert out[1].client_id == 2 and "left the round" in out[1].reason
+    s = out[2]
+    assert s.clients == [0, 1] and s.num_examples == {0: 4, 1: 6} and s.metrics == {0: {"train_loss": 2.5}, 1: {}}
+    assert torch.equal(s.adapter["a"], torch.ones(2, 2, dtype=torch.float64)) and s.adapter["b"].tolist() == [2.0]
+    assert s.unclipped == 2.0  # C·Σ bits / C, rounded to the whole count
+    assert asked["clipping_range"] == 0.5 and set(asked["contents"]) == {11, 12, 13}
+    assert asked["contents"][11]["secure"]["clipping-range"] == 0.5
+    fail = True
+    out = list(rt.fit(1, ins[:3]))
+    assert [o.client_id for o in out] == [0, 1, 2] and all("halted" in o.reason for o in out)
+    out = list(rt.fit(1, ins[:1]))
+    assert len(out) == 1 and "at least two clients" in out[0].reason
+
+
+def test_secure_aggregation_refuses_what_needs_single_updates(tmp_path):
+    for sections, words in [({"federation": {"aggregator": "median"}}, "cannot take a median"),
+                            ({"federation": {"max_update_norm": 1.0}}, "max_update_norm = 0"),
+                            ({"federation": {"strategy": "scaffold"}}, "strategy scaffold sends more"),
+                            ({"lora": {"client_ranks": [2, 4]}}, "sums changes of one shape"),
+                            ({"federation": {"clients_per_round": 1}}, "a sum over one client")]:
+        with pytest.raises(FeditError, match=words):
+            tiny_config(tmp_path, tmp_path, tmp_path / "o", secagg={"enabled": True, **sections.pop("secagg", {})},
+                        **sections)
+    with pytest.raises(FeditError, match="fedit flower run --secure-aggregation"):
+        runner.run(tiny_config(tmp_path, tmp_path, tmp_path / "o", secagg={"enabled": True}))
+    assert not (tmp_path / "o").exists()
+    assert config.from_dict({"secagg": {"enabled": True}}).secagg.enabled
+
+
+def test_a_supernode_that_requires_secure_aggregation_refuses_a_plain_round(tmp_path, monkeypatch):
+    from flwr.app import Context, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedit.runtime import flower
+
+    for name, value in (("_run_id", 1), ("_node_id", 5), ("_task_id", 1)):  # as inside a ClientApp process
+        monkeypatch.setattr(TaskIdentity, name, value)
+    cfg = tiny_config(tmp_path, tmp_path, tmp_path / "o")
+    content = flower.fitins_to_content(FitIns(1, 0, {"global": {"a": torch.zeros(2)}}, {}), flower.config_to_text(cfg))
+    context = Context(run_id=1, node_id=5, node_config={"client-id": 0, "data-path": str(tmp_path / "x.jsonl"),
+                                                        "secure-aggregation": True}, state=RecordDict(), run_config={})
+    with pytest.raises(FeditError, match="only through secure aggregation"):
+        flower._train(Message(content, dst_node_id=5, message_type="train"), context)
