@@ -63,6 +63,9 @@ def epsilon(noise_multiplier: float, sampling_rate: float | None, rounds: int, d
         return 0.0
     from dp_accounting import rdp
 
+    # dp-accounting warns (through absl) for each RDP order whose series does not converge and leaves
+    # that order out: the ε of the other orders still holds. Not something a user can act on.
+    logging.getLogger("absl").setLevel(logging.ERROR)
     acc = rdp.RdpAccountant()
     acc.compose(dp_event(noise_multiplier, sampling_rate), rounds)
     return float(acc.get_epsilon(delta))
