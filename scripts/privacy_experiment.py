@@ -1,0 +1,128 @@
+"""What client-level DP costs and buys on Dolly: held-out loss and canary exposure at a few noise levels.
+
+The same split, init, client selection and local budget for every run; only privacy differs:
+- data: --records Dolly records drawn with --seed, --test-per-category of each category held out,
+  the rest over --clients Dirichlet(0.5) clients (at least 5 records each);
+- training: SmolLM2-135M-Instruct (the default model), LoRA r=8 on every linear layer,
+  --rounds rounds of --per-round clients drawn with the public seed (privacy.sampling = "fixed":
+  no amplification by sampling is claimed), one local epoch each;
+- canaries: 5 random PINs, 10 copies each, in the data of the client the seed selects most
+  often, each ranked after training among 200 never-inserted PINs (exposure in bits, 7.65 the
+  maximum, about 1.44 when not memorised);
+- DP: each --noise z (0: no DP) with privacy.clipping_norm = --clip, δ = --delta.
+
+Writes privacy.md (a table: ε, held-out loss per round, exposure) and privacy.png (held-out loss
+per round, one line per run) into --out; finished runs are reused on a rerun.
+
+    python scripts/privacy_experiment.py --data dolly-15k.jsonl --out runs/privacy
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from collections import Counter
+from pathlib import Path
+
+from fedit import config as config_mod
+from fedit import runner, server
+from fedit.data import partition
+from fedit.data.records import LoadResult, load_records
+from fedit.strategies import FedAvg
+
+
+def build_partition(data: str, out: Path, records: int, clients: int, test_per_category: int, seed: int) -> Path:
+    parts = out / "data"
+    if (parts / "manifest.json").is_file():
+        return parts
+    loaded = load_records(data)
+    recs = loaded.records
+    if len(recs) > records:
+        recs = [recs[i] for i in sorted(random.Random(seed).sample(range(len(recs)), records))]
+    sp = partition.split(recs, clients, "dirichlet", alpha=0.5, seed=seed, test_per_category=test_per_category,
+                         min_size=5)
+    partition.write(parts, LoadResult(records=recs, skipped=loaded.skipped, source=loaded.source), sp,
+                    scheme="dirichlet", seed=seed, alpha=0.5, test_per_category=test_per_category)
+    return parts
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", required=True, help="Dolly-15k: a JSONL file or the hub id")
+    p.add_argument("--out", required=True)
+    p.add_argument("--records", type=int, default=2000)
+    p.add_argument("--clients", type=int, default=100)
+    p.add_argument("--test-per-category", type=int, default=20)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--per-round", type=int, default=20)
+    p.add_argument("--noise", default="0,0.5,1.0", help="noise multipliers, 0 for no DP")
+    p.add_argument("--clip", type=float, default=0.1)
+    p.add_argument("--delta", type=float, default=1e-4)
+    p.add_argument("--seed", type=int, default=42)
+    a = p.parse_args()
+    out = Path(a.out)
+    parts = build_partition(a.data, out, a.records, a.clients, a.test_per_category, a.seed)
+    ids = [c["id"] for c in partition.read_manifest(parts)["clients"]]
+    picks = Counter(c for r in range(1, a.rounds + 1) for c in FedAvg().select(r, ids, a.per_round, a.seed))
+    canary_client = min(ids, key=lambda c: (-picks[c], c))
+    rows = []
+    for z in [float(x) for x in a.noise.split(",")]:
+        name = "no-dp" if z == 0 else f"z{z:g}"
+        run_dir = out / "runs" / name
+        cfg = config_mod.from_dict({
+            "data": {"clients_dir": str(parts)},
+            "train": {"lr": 5e-4, "batch_size": 16, "micro_batch_size": 8, "cutoff_len": 256},
+            "federation": {"rounds": a.rounds, "clients_per_round": a.per_round, "seed": a.seed},
+            "eval": {"batch_size": 8, "cutoff_len": 512},
+            "privacy": {"enabled": z > 0, "noise_multiplier": z or 1.0, "clipping_norm": a.clip, "delta": a.delta},
+            "canary": {"client": canary_client, "count": 5, "repeats": 10, "references": 200},
+            "run": {"out": str(run_dir), "progress": False}})
+        if (run_dir / "adapter" / "adapter_config.json").is_file():
+            print(f"{name}: reusing {run_dir}")
+        else:
+            print(f"{name}: training", flush=True)
+            runner.run(None, resume=str(run_dir)) if (run_dir / "state.json").is_file() else runner.run(cfg)
+        rd = server.RunDir(run_dir)
+        evals = [row["eval"]["loss"] for row in rd.events("round") if "eval" in row]
+        eps = [row["privacy"]["epsilon"] for row in rd.events("round") if "privacy" in row]
+        canary = json.loads((run_dir / "canary.json").read_text())
+        rows.append({"name": name, "z": z, "epsilon": eps[-1] if eps else None, "loss": evals,
+                     "exposure": canary["mean_exposure"], "ranks": [c["rank"] for c in canary["canaries"]]})
+        print(f"{name}: held-out loss {' -> '.join(f'{x:.4f}' for x in evals)}; mean exposure "
+              f"{canary['mean_exposure']:.2f} bits", flush=True)
+    from fedit.adapter import load_adapter_file
+
+    values = sum(v.numel() for v in load_adapter_file(server.RunDir(out / "runs" / rows[0]["name"]).round_dir(0)).values())
+    lines = [f"Dolly, {a.records} records, {len(ids)} clients (Dirichlet 0.5), {a.rounds} rounds x {a.per_round} "
+             f"clients, SmolLM2-135M-Instruct + LoRA r=8 ({values:,} trainable values, d); "
+             f"DP: C = {a.clip}, δ = {a.delta:g}, fixed sampling; canaries in client {canary_client} "
+             f"(selected in {picks[canary_client]} of {a.rounds} rounds).", "",
+             "| run | z | ε | held-out loss, rounds 0..R | canary exposure (bits, mean of 5) | canary ranks of 201 |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        eps = "∞" if r["epsilon"] is None else f"{r['epsilon']:.2f}"
+        lines.append(f"| {r['name']} | {r['z']:g} | {eps} | "
+                     f"{' → '.join(f'{x:.4f}' for x in r['loss'])} | {r['exposure']:.2f} | "
+                     f"{', '.join(map(str, r['ranks']))} |")
+    (out / "privacy.md").write_text("\n".join(lines) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in rows:
+        label = "no DP" if r["epsilon"] is None else f"z = {r['z']:g} (ε = {r['epsilon']:.1f})"
+        ax.plot(range(len(r["loss"])), r["loss"], marker="o", label=label)
+    ax.set_xlabel("round")
+    ax.set_ylabel("held-out loss")
+    ax.set_title("Client-level DP on Dolly (SmolLM2-135M)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "privacy.png", dpi=120)
+    print(f"wrote {out / 'privacy.md'} and {out / 'privacy.png'}")
+
+
+if __name__ == "__main__":
+    main()
