@@ -249,6 +249,8 @@ def run(cfg: Config, runtime: Runtime, run_dir: str | Path, *, client_ids: list[
                                                max_examples=example_cap(u.client_id), max_value=fed.max_value)
                     extra = {"rank": plan.profile(u.client_id).r, "trainable_params": sum(
                         v.numel() for v in ins.global_adapter.values())} if plan.clients and ins else {}
+                    if problem is None:  # ‖θ_k − θ‖ before any bound: what max_update_norm and privacy.clipping_norm act on
+                        extra["update_norm"] = update_norm(u.adapter, ins.global_adapter)
                     log_client(client=u.client_id, num_examples=u.num_examples, accepted=problem is None, reason=problem,
                                bytes_down=down.get(u.client_id, 0), bytes_up=nbytes(u.arrays) if problem is None else None,
                                **extra, metrics=u.metrics)
@@ -303,6 +305,11 @@ def run(cfg: Config, runtime: Runtime, run_dir: str | Path, *, client_ids: list[
             report.round(row, client_rows)
     save_adapter(global_adapter, rd.path / "adapter")  # the final global adapter, where users look first
     return global_adapter
+
+
+def update_norm(adapter: Adapter, reference: Adapter) -> float:
+    """The L2 norm of a client's change over all its tensors, in float64."""
+    return math.sqrt(sum(float((adapter[k].double() - reference[k].double()).pow(2).sum()) for k in reference))
 
 
 def save_arrays(arrays: Adapter, path: Path) -> None:

@@ -323,3 +323,24 @@ def test_a_backdoor_run_reports_its_success(tmp_path, tiny_model_dir, partition_
     b = json.loads((run_dir / "backdoor.json").read_text())
     assert b["prompts"] == 8 and 0.0 <= b["without"] <= 1.0 and 0.0 <= b["with_trigger"] <= 1.0
     assert "backdoor: " in runner.summary(run_dir)
+
+
+def test_each_accepted_client_line_carries_the_norm_of_its_change(tmp_path):
+    """‖θ_k − θ‖ over all tensors, before any bound: what a user reads to set max_update_norm or
+    privacy.clipping_norm from training, not from the test set."""
+    from fedit.protocol import ADAPTER
+
+    class Plain:
+        secure = False
+
+        def fit(self, round_num, instructions):
+            for ins in instructions:  # client k moves by (k + 1)·(3, 0, 4): norm 5(k + 1)
+                change = torch.tensor([3.0, 0.0, 4.0]) * (ins.client_id + 1)
+                yield Update(ins.client_id, {ADAPTER: {"w": ins.global_adapter["w"] + change}}, 1)
+
+    cfg = tiny_config(tmp_path, tmp_path, tmp_path / "run", federation={"rounds": 1, "clients_per_round": 2},
+                      eval={"every": 0})
+    server.run(cfg, Plain(), tmp_path / "run", client_ids=[0, 1], initial_adapter={"w": torch.ones(3)},
+               save_adapter=lambda a, p: p.mkdir(parents=True, exist_ok=True))
+    rows = {c["client"]: c["update_norm"] for c in server.RunDir(tmp_path / "run").events("client")}
+    assert rows == {0: 5.0, 1: 10.0}
