@@ -266,7 +266,7 @@ def run(cfg: Config, runtime: Runtime, run_dir: str | Path, *, client_ids: list[
                 # with what each reported in the clear; it enters aggregation whole or not at all.
                 ids = [c for c in u.clients if c in sent and c not in accepted_ids]
                 ref = sent[ids[0]].global_adapter if ids else None
-                problem = "no contributor of the sum was asked for an update this round" if len(ids) != len(
+                problem = "the sum names clients that were not asked for one update this round" if len(ids) != len(
                     u.clients) or not ids else check_update(Update(-1, u.arrays, len(ids)), ref)
                 for c in u.clients:
                     log_client(client=c, num_examples=u.num_examples.get(c), accepted=problem is None, reason=problem,
