@@ -21,30 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 from collections import Counter
 from pathlib import Path
 
 from fedit import config as config_mod
 from fedit import runner, server
 from fedit.data import partition
-from fedit.data.records import LoadResult, load_records
 from fedit.strategies import FedAvg
-
-
-def build_partition(data: str, out: Path, records: int, clients: int, test_per_category: int, seed: int) -> Path:
-    parts = out / "data"
-    if (parts / "manifest.json").is_file():
-        return parts
-    loaded = load_records(data)
-    recs = loaded.records
-    if len(recs) > records:
-        recs = [recs[i] for i in sorted(random.Random(seed).sample(range(len(recs)), records))]
-    sp = partition.split(recs, clients, "dirichlet", alpha=0.5, seed=seed, test_per_category=test_per_category,
-                         min_size=5)
-    partition.write(parts, LoadResult(records=recs, skipped=loaded.skipped, source=loaded.source), sp,
-                    scheme="dirichlet", seed=seed, alpha=0.5, test_per_category=test_per_category)
-    return parts
 
 
 def main() -> None:
@@ -62,7 +45,10 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=42)
     a = p.parse_args()
     out = Path(a.out)
-    parts = build_partition(a.data, out, a.records, a.clients, a.test_per_category, a.seed)
+    parts = out / "data"
+    if not (parts / "manifest.json").is_file():
+        partition.make(a.data, parts, clients=a.clients, alpha=0.5, min_size=5, test_per_category=a.test_per_category,
+                       seed=a.seed, sample=a.records)
     ids = [c["id"] for c in partition.read_manifest(parts)["clients"]]
     picks = Counter(c for r in range(1, a.rounds + 1) for c in FedAvg().select(r, ids, a.per_round, a.seed))
     canary_client = min(ids, key=lambda c: (-picks[c], c))

@@ -24,29 +24,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import statistics
 from pathlib import Path
 
 from fedit import config as config_mod
 from fedit import runner, server
 from fedit.data import partition
-from fedit.data.records import LoadResult, load_records
-
-
-def build_partition(data: str, out: Path, records: int, test_per_category: int, seed: int) -> Path:
-    parts = out / "data"
-    if (parts / "manifest.json").is_file():
-        return parts
-    loaded = load_records(data)
-    recs = loaded.records
-    if len(recs) > records:
-        recs = [recs[i] for i in sorted(random.Random(seed).sample(range(len(recs)), records))]
-    sp = partition.split(recs, 10, "dirichlet", alpha=0.5, seed=seed, test_per_category=test_per_category,
-                         min_size=20)
-    partition.write(parts, LoadResult(records=recs, skipped=loaded.skipped, source=loaded.source), sp,
-                    scheme="dirichlet", seed=seed, alpha=0.5, test_per_category=test_per_category)
-    return parts
 
 
 def main() -> None:
@@ -60,7 +43,10 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=42)
     a = p.parse_args()
     out = Path(a.out)
-    parts = build_partition(a.data, out, a.records, a.test_per_category, a.seed)
+    parts = out / "data"
+    if not (parts / "manifest.json").is_file():
+        partition.make(a.data, parts, clients=10, alpha=0.5, min_size=20, test_per_category=a.test_per_category,
+                       seed=a.seed, sample=a.records)
 
     def run(name: str, **sections) -> server.RunDir:
         run_dir = out / "runs" / name

@@ -132,3 +132,16 @@ def test_heterogeneity_plot_labels_clients_with_whole_numbers(tmp_path, monkeypa
     partition.plot_heterogeneity(manifest, tmp_path / "h.png")
     ticks = [t for t in seen[0].axes[0].get_xticks() if -0.6 <= t <= 4.6]
     assert ticks and all(float(t).is_integer() for t in ticks), ticks
+
+
+def test_make_can_draw_a_seeded_sample_of_the_records_first(tmp_path, records_file):
+    m1, loaded = partition.make(str(records_file), tmp_path / "a", clients=2, scheme="iid", test_per_category=1,
+                                seed=3, sample=20)
+    m2, _ = partition.make(str(records_file), tmp_path / "b", clients=2, scheme="iid", test_per_category=1,
+                           seed=3, sample=20)
+    every = load_records(records_file).records
+    assert m1["records"] == len(loaded.records) == 20 < len(every)
+    positions = [every.index(r) for r in loaded.records]
+    assert positions == sorted(positions)  # the original order, a subset of it
+    assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
+               for f in ("client_000.jsonl", "client_001.jsonl", "test.jsonl"))

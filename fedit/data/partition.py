@@ -202,14 +202,20 @@ def write(out: str | Path, loaded: LoadResult, sp: Split, *, scheme: str, seed: 
 
 def make(source: str, out: str | Path, *, clients: int = 100, scheme: str = "dirichlet", alpha: float = 0.5,
          min_size: int | None = None, test_per_category: int = 10, seed: int = 42, fields: str = "",
-         split_name: str = "train", by: str = "", label: str = "category") -> tuple[dict, LoadResult]:
+         split_name: str = "train", by: str = "", label: str = "category", sample: int = 0) -> tuple[dict, LoadResult]:
     """Read ``source`` (a file or hub id), split it and write the partition into ``out``:
-    `fedit partition` and `fedit run data.source=...` both come here. ``min_size`` 0 or None: the default."""
+    `fedit partition` and `fedit run data.source=...` both come here. ``min_size`` 0 or None: the default.
+    ``sample`` > 0: only that many records, drawn with ``seed``, in their original order (experiments)."""
+    import random
+
     from fedit.data.records import load_records, parse_mapping
 
     label = label or "category"
     keep = tuple(f for f in (by, label) if f and f != "category")
     loaded = load_records(source, parse_mapping(fields), split=split_name, keep=keep)
+    if 0 < sample < len(loaded.records):
+        loaded.records = [loaded.records[i] for i in sorted(random.Random(seed).sample(range(len(loaded.records)),
+                                                                                         sample))]
     if label != "category":
         loaded.records = [replace(r, category=r.field(label) or UNCATEGORIZED) for r in loaded.records]
     sp = split(loaded.records, clients, scheme, alpha=alpha, seed=seed, test_per_category=test_per_category,
