@@ -62,25 +62,41 @@ def parse_sets(sets: list[str], strategies: list[str]) -> dict[str, list[str]]:
     return out
 
 
+def parse_entries(entries: list[str]) -> dict[str, str]:
+    """``fedavg`` or ``LABEL=STRATEGY`` each -> {label: strategy}: one strategy may run as several
+    labelled variants (their --set overrides differ), each in its own run directory."""
+    import re
+
+    out: dict[str, str] = {}
+    for entry in entries:
+        label, _, strategy = entry.rpartition("=")
+        label = label or strategy
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", label):
+            raise FeditError(f"--strategies: {label!r} is not a usable name (letters, digits, _ . -)")
+        if label in out:
+            raise FeditError(f"--strategies {','.join(entries)} names {label!r} twice")
+        out[label] = strategy
+    return out
+
+
 def strategy_configs(scale: Scale, strategies: list[str], config_file: str | None, overrides: list[str],
                      sets: list[str]) -> tuple[Config, dict[str, Config]]:
-    """(the shared config, each strategy's config); every problem of every strategy reported at once."""
+    """(the shared config, each entry's config, by label); every problem of every entry reported at once."""
     from fedit.strategies import STRATEGIES
 
-    unknown = [s for s in strategies if s not in STRATEGIES]
+    entries = parse_entries(strategies)
+    unknown = [s for s in entries.values() if s not in STRATEGIES]
     if unknown or not strategies:
         raise FeditError(f"--strategies {','.join(strategies)}: "
                          + (f"unknown {', '.join(unknown)}; " if unknown else "none given; ")
                          + f"choose from {', '.join(STRATEGIES)}")
-    if len(set(strategies)) != len(strategies):
-        raise FeditError(f"--strategies {','.join(strategies)} names a strategy twice")
-    per = parse_sets(sets, strategies)
+    per = parse_sets(sets, list(entries))
     base = config_mod.load(config_file, overrides, base=scale.config, base_name=f"the compare {scale.name} scale")
     configs, problems = {}, []
-    for name in strategies:
+    for label, name in entries.items():
         try:
-            configs[name] = config_mod.load(config_file, [*overrides, f"federation.strategy={name}", *per[name]],
-                                            base=scale.config, base_name=f"{name} at the compare {scale.name} scale")
+            configs[label] = config_mod.load(config_file, [*overrides, f"federation.strategy={name}", *per[label]],
+                                             base=scale.config, base_name=f"{label} at the compare {scale.name} scale")
         except FeditError as e:
             problems.append(str(e))
     if problems:
@@ -107,16 +123,21 @@ def compare(scale_name: str, strategies: list[str], data: str = DEFAULT_DATA, ou
     loaded = load_base(cfg.model)
     attach_lora(loaded, cfg.lora, cfg.federation.seed)
     runs = out_dir / "runs"
+    strategies = list(configs)  # the labels
     names = ["centralized", *strategies]
     for name in names:
         if name == "centralized":
             mcfg = method_config(cfg, "centralized", ds, runs)
         else:
             mcfg = method_config(configs[name], "fedit", ds, runs).replace(run={"out": str(runs / name)})
-        train_or_reuse(name, mcfg, runs / name, out_dir, loaded, console,
+        # a variant with its own LoRA or model settings loads its own model (the shared one has the
+        # shared LoRA attached); the same seed makes the same init where the settings agree
+        same = mcfg.lora == cfg.lora and mcfg.model == cfg.model
+        train_or_reuse(name, mcfg, runs / name, out_dir, loaded if same else None, console,
                        f"{ds.sizes['centralized']['examples']} records, 1 epoch" if name == "centralized" else
                        f"{mcfg.federation.rounds} rounds x {mcfg.federation.clients_per_round} clients")
-    result = summarise(runs, strategies, configs, scale, data, time.perf_counter() - started)
+    result = summarise(runs, strategies, configs, scale, data, time.perf_counter() - started,
+                       parse_sets(list(sets), strategies))
     atomic_write_json(out_dir / "compare.json", result)
     atomic_write(out_dir / "compare.md", markdown(result))
     plot(result, out_dir / "compare.png")
@@ -150,7 +171,7 @@ def bootstrap_gap(ours: list, ref: list, seed: int = 0, n: int = BOOTSTRAP) -> t
 
 
 def summarise(runs: Path, strategies: list[str], configs: dict[str, Config], scale: Scale, data: str,
-              seconds: float) -> dict:
+              seconds: float, sets: dict[str, list[str]] | None = None) -> dict:
     from fedit import server
 
     central = _rounds(runs / "centralized")
@@ -165,8 +186,15 @@ def summarise(runs: Path, strategies: list[str], configs: dict[str, Config], sca
         vs = bootstrap_gap(final["examples"], fedavg["examples"]) if fedavg and name != "fedavg" else None
         clients = server.RunDir(runs / name).events("client")
         done = [r for r in rounds if r["round"] > 0]
+        by_rank: dict[int, list[int]] = {}  # per-client bytes of each LoRA rank (clients with their own)
+        for c in clients:
+            if c.get("accepted") and "rank" in c:
+                by_rank.setdefault(c["rank"], []).append((c.get("bytes_down") or 0) + (c.get("bytes_up") or 0))
         rows[name] = {
+            "strategy": configs[name].federation.strategy,
             "options": dataclasses.asdict(configs[name].strategy),
+            "settings": (sets or {}).get(name, []),
+            "bytes_per_client_by_rank": {str(r): sum(b) / len(b) for r, b in sorted(by_rank.items())},
             "curve": [[r["round"], r["eval"]["loss"]] for r in rounds],
             "loss": final["loss"], "by_category": final["by_category"],
             "gap": gap, "gap_low": lo, "gap_high": hi,
@@ -203,8 +231,13 @@ def markdown(res: dict) -> str:
                      *[report.fmt(r["by_category"].get(c, float("nan")), 3) for c in cats],
                      f"{r['bytes_per_round'] / 2**20:.1f}"])
     c = res["config"]
-    opts = [f"- {n}: " + (", ".join(f"{k} = {v:g}" if isinstance(v, float) else f"{k} = {v}"
-                                    for k, v in r["options"].items()) or "no options")
+    opts = [f"- {n}" + (f" ({r['strategy']})" if r.get("strategy", n) != n else "") + ": "
+            + (", ".join(f"{k} = {v:g}" if isinstance(v, float) else f"{k} = {v}" for k, v in r["options"].items())
+               or "no options")
+            + "".join(f"; {s}" for s in r.get("settings", []))
+            + ("; MB per client and round by LoRA rank: " + ", ".join(
+                f"r={k}: {v / 2**20:.2f}" for k, v in r["bytes_per_client_by_rank"].items())
+               if r.get("bytes_per_client_by_rank") else "")
             for n, r in res["strategies"].items()]
     return "\n".join([
         f"# Federated algorithms compared ({res['scale']} scale)", "",
@@ -216,7 +249,7 @@ def markdown(res: dict) -> str:
         "Held-out loss per response token after the last round (lower is better); the gaps are relative to "
         "Centralized and to FedAvg (negative: lower loss than it), each with a 95% paired bootstrap interval "
         "over the held-out records.", "",
-        report.table(head, rows), "", "Options each strategy ran with:", "", *opts, "",
+        report.table(head, rows), "", "Options and settings each run had:", "", *opts, "",
         "Held-out loss per round: ![compare](compare.png)", ""])
 
 

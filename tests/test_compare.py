@@ -37,14 +37,28 @@ def test_per_strategy_settings_are_parsed_and_checked():
     # an option the strategy does not have names the strategy and the options it has
     with pytest.raises(FeditError, match="unknown key strategy.eta; known keys: proximal_mu"):
         compare.strategy_configs(scale, ["fedprox"], None, [], ["fedprox:strategy.eta=1"])
+    # one strategy as several labelled variants, each with its own overrides
+    assert compare.parse_entries(["fedavg", "mixed=fedavg", "prox-1=fedprox"]) == {
+        "fedavg": "fedavg", "mixed": "fedavg", "prox-1": "fedprox"}
+    _, configs = compare.strategy_configs(scale, ["fedavg", "mixed=fedavg"], None, [],
+                                          ["mixed:lora.client_ranks=[2,4]"])
+    assert configs["mixed"].federation.strategy == "fedavg" and configs["mixed"].lora.client_ranks == (2, 4)
+    assert configs["fedavg"].lora.client_ranks == ()
+    with pytest.raises(FeditError, match="names 'fedavg' twice"):
+        compare.parse_entries(["fedavg", "fedavg=fedavg"])
+    with pytest.raises(FeditError, match="not a usable name"):
+        compare.parse_entries(["../x=fedavg"])
+    with pytest.raises(FeditError, match="unknown fedavgg"):
+        compare.strategy_configs(scale, ["mixed=fedavgg"], None, [], [])
 
 
 def test_smoke_comparison(tmp_path, tiny_model_dir, records_file):
     out = tmp_path / "cmp"
-    args = dict(data=str(records_file), out=str(out), sets=["fedprox:strategy.proximal_mu=0.5"],
+    args = dict(data=str(records_file), out=str(out), sets=["fedprox:strategy.proximal_mu=0.5",
+                                                            "mixed:lora.client_ranks=[2,4]"],
                 overrides=[f"model.name={tiny_model_dir}", "model.dtype=fp32", "model.device=cpu", "lora.r=4",
                            "run.progress=false"])
-    compare.compare("smoke", ["fedavg", "fedprox", "scaffold"], **args)
+    compare.compare("smoke", ["fedavg", "fedprox", "scaffold", "mixed=fedavg"], **args)
     res = json.loads((out / "compare.json").read_text())
     runs = out / "runs"
     # the same selection and the same init for every strategy; only the algorithm differs
@@ -69,8 +83,12 @@ def test_smoke_comparison(tmp_path, tiny_model_dir, records_file):
         by = res["strategies"][name]["vs_fedavg_by_category"]
         assert by["open_qa"] == pytest.approx(res["strategies"][name]["by_category"]["open_qa"]
                                               / fedavg_last["by_category"]["open_qa"] - 1)
-    # SCAFFOLD's control variates double the bytes of a round
+    # SCAFFOLD's control variates double the bytes of a round; a rank-2 client of the mixed variant
+    # moves half the bytes of a rank-4 one, and those are fedavg's
     assert res["strategies"]["scaffold"]["bytes_per_round"] == 2 * res["strategies"]["fedavg"]["bytes_per_round"]
+    tiers = res["strategies"]["mixed"]["bytes_per_client_by_rank"]
+    assert tiers["2"] * 2 == tiers["4"] == res["strategies"]["fedavg"]["bytes_per_round"] / 2  # 2 clients a round
+    assert res["strategies"]["mixed"]["strategy"] == "fedavg" and "mixed (fedavg)" in (out / "compare.md").read_text()
     # the held-out records are scored at the evaluation cutoff (256), not the training one (128)
     from transformers import AutoTokenizer
 
@@ -92,6 +110,6 @@ def test_smoke_comparison(tmp_path, tiny_model_dir, records_file):
         def print(self, text, **kw):
             lines.append(str(text))
 
-    compare.compare("smoke", ["fedavg", "fedprox", "scaffold"], console=Say(), **args)
+    compare.compare("smoke", ["fedavg", "fedprox", "scaffold", "mixed=fedavg"], console=Say(), **args)
     assert stamp == {n: (runs / n / "state.json").stat().st_mtime_ns for n in res["strategies"]}
-    assert sum("reusing the finished run" in line for line in lines) == 4
+    assert sum("reusing the finished run" in line for line in lines) == 5

@@ -57,11 +57,14 @@ def add_parsers(sub) -> None:
                     + "; ".join(f"{s.name}: {s.about}" for s in COMPARE_SCALES.values()))
     pc.add_argument("--scale", required=True, choices=tuple(COMPARE_SCALES))
     pc.add_argument("--strategies", required=True,
-                    help="comma-separated, e.g. fedavg,fedprox,fedavgm,fedadam,fedyogi,fedadagrad,scaffold")
+                    help="comma-separated, e.g. fedavg,fedprox,fedavgm,fedadam,fedyogi,fedadagrad,scaffold; "
+                         "LABEL=STRATEGY runs a strategy again under its own name, with its own --set overrides "
+                         "(e.g. fedavg,mixed=fedavg --set 'mixed:lora.client_ranks=[2,4,8,16]')")
     pc.add_argument("--data", default=None, help="Dolly-style records: a JSON/JSONL file or hub id "
                                                  "(default: databricks/databricks-dolly-15k)")
     pc.add_argument("--set", action="append", default=[], metavar="STRATEGY:section.key=value", dest="sets",
-                    help="an override for one strategy only, e.g. fedprox:strategy.proximal_mu=0.1 (repeatable)")
+                    help="an override for one strategy (or label) only, e.g. fedprox:strategy.proximal_mu=0.1 "
+                         "(repeatable)")
     pc.add_argument("--out", default=None, help="output directory (default: runs/compare-SCALE)")
     pc.add_argument("--config", default=None, help="TOML file applied over the scale's settings")
     pc.add_argument("overrides", nargs="*", metavar="section.key=value", help="applied to every strategy")
