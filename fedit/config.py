@@ -226,15 +226,17 @@ class SecAggConfig:
                               "clients send Δ = θ_k − θ with weight 1, so the round's Δ̄ is their unweighted mean.")
     num_shares: float = _f(1.0, "SecAgg+: the share of the round's clients each client secret-shares its keys with "
                                 "(1.0: all, the original SecAgg).", min=0.0, exclusive_min=True, max=1.0)
-    reconstruction_threshold: float = _f(0.67, "SecAgg+: the share of those shares needed to unmask; a round in "
-                                               "which fewer clients stay is dropped (the run stops, resumable).",
+    reconstruction_threshold: float = _f(0.67, "SecAgg+: the share of those shares needed to unmask (never fewer "
+                                               "than 3); a round in which fewer clients stay is dropped (the run "
+                                               "stops, resumable).",
                                          min=0.0, exclusive_min=True, max=1.0)
     clipping_range: float = _f(1.0, "SecAgg+: each value of Δ is clipped to [−c, c] before it is quantised "
                                     "(clients report how many they clipped); under privacy.enabled the round's "
                                     "clipping norm is used instead.", min=0.0, exclusive_min=True)
     quantization_range: int = _f(4194304, "SecAgg+: Q, the integers [0, Q] a value is quantised to; the sum is "
                                           "off by at most clients·2c/Q per value.", min=2)
-    modulus_range: int = _f(4294967296, "SecAgg+: the modulus of the masked sums; must exceed clients·Q.", min=2)
+    modulus_range: int = _f(4294967296, "SecAgg+: the modulus of the masked sums, a power of 2 above clients·Q.",
+                            min=2)
 
 
 @dataclass(frozen=True)
@@ -369,9 +371,14 @@ def from_dict(raw: dict[str, Any], source: str = "config") -> Config:
             if hetero:
                 problems.append("secagg.enabled sums changes of one shape: it does not run with lora.client_ranks, "
                                 "lora.clients_file, lora.aggregation = \"product\" or lora.freeze_a")
-            if not fed.fraction and fed.clients_per_round < 2:
-                problems.append("secagg.enabled: a sum over one client is that client's change; set "
-                                "federation.clients_per_round >= 2")
+            if not fed.fraction and fed.clients_per_round < 3:
+                problems.append("secagg.enabled needs federation.clients_per_round >= 3: a sum over one client is "
+                                "its change, and Flower's masks come from 32-bit seeds, which a round of two would "
+                                "let the server search")
+            sa = cfg.secagg
+            if sa.modulus_range & (sa.modulus_range - 1) or sa.modulus_range <= 2 * sa.quantization_range:
+                problems.append(f"secagg.modulus_range = {sa.modulus_range} must be a power of 2 above 2 × "
+                                f"secagg.quantization_range (and above clients per round × quantization_range)")
         if cfg.attack.kind != "none" and not (cfg.attack.clients or cfg.attack.fraction):
             problems.append(f"attack.kind = {cfg.attack.kind!r} names no malicious client; set attack.clients = [ids] "
                             f"or attack.fraction")

@@ -81,14 +81,13 @@ class Summed:
     Each contributing client sent Δ_k = θ_k − θ (its adapter minus the global adapter it was sent)
     with weight 1, so the server can form the unweighted mean Σ Δ_k / n and nothing finer. Under
     client-level DP each Δ_k was clipped on the client to the round's bound (FitIns.config[CLIP])
-    and ``unclipped`` is Σ_k [‖Δ_k‖ ≤ bound], summed with the changes. ``num_examples`` and
-    ``metrics`` are what each client reported in the clear beside its masked vector: logged,
-    never used to weight."""
+    and ``unclipped`` is Σ_k [‖Δ_k‖ ≤ bound], summed with the changes. ``metrics`` are what each
+    client reported in the clear beside its masked vector (timings, not its loss or example count):
+    logged, never used."""
 
     clients: list[int]  # whose changes are in the sum
     arrays: dict[str, Arrays]  # group (ADAPTER) -> Σ_k Δ_k, float64
     unclipped: float | None = None
-    num_examples: dict[int, int] = field(default_factory=dict)
     metrics: dict[int, dict] = field(default_factory=dict)
 
     @property

@@ -269,8 +269,8 @@ def run(cfg: Config, runtime: Runtime, run_dir: str | Path, *, client_ids: list[
                 problem = "the sum names clients that were not asked for one update this round" if len(ids) != len(
                     u.clients) or not ids else check_update(Update(-1, u.arrays, len(ids)), ref)
                 for c in u.clients:
-                    log_client(client=c, num_examples=u.num_examples.get(c), accepted=problem is None, reason=problem,
-                               secure=True, bytes_down=down.get(c, 0), metrics=u.metrics.get(c, {}))
+                    log_client(client=c, accepted=problem is None, reason=problem, secure=True,
+                               bytes_down=down.get(c, 0), metrics=u.metrics.get(c, {}))
                 if problem:
                     log.warning("round %d: the securely aggregated sum of clients %s rejected: %s", r, u.clients,
                                 problem)
@@ -285,8 +285,8 @@ def run(cfg: Config, runtime: Runtime, run_dir: str | Path, *, client_ids: list[
             else:
                 new_adapter, used = strategy.aggregate(r, global_adapter, replies)
             # Under DP an empty Poisson sample is a round (it releases noise), and so is a secure round with
-            # fewer than two clients (a sum over one would be that client's change: it is not used).
-            if used < fed.min_replies and not (dp is not None and (not selected or secure and len(selected) < 2)):
+            # fewer than three clients (too few to hide one change: it is not used).
+            if used < fed.min_replies and not (dp is not None and (not selected or secure and len(selected) < 3)):
                 raise FeditError(f"round {r}: only {used} valid client update(s), fewer than federation.min_replies = "
                                  f"{fed.min_replies} (rejected: {rejected}); the run stopped after round {r - 1} and "
                                  f"can be resumed with `fedit run --resume {rd.path}`")

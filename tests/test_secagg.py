@@ -149,14 +149,14 @@ class SecureRuntime:
                 yield Failure(c, "left the round during secure aggregation")
         kept = [c for c in ids if c not in self.drop]
         yield Summed(kept, {ADAPTER: self.total}, 2.0 if CLIP in instructions[0].config else None,
-                     {c: 10 + c for c in kept}, {c: {"train_loss": 1.0, "num_examples": -5} for c in kept})
+                     {c: {"seconds": 1.0, "num_examples": -5} for c in kept})
 
 
 def _loop(tmp_path, runtime, **sections):
-    cfg = tiny_config(tmp_path, tmp_path, tmp_path / "run", federation={"rounds": 1, "clients_per_round": 3},
+    cfg = tiny_config(tmp_path, tmp_path, tmp_path / "run", federation={"rounds": 1, "clients_per_round": 4},
                       eval={"every": 0}, secagg={"enabled": True}, **sections)
     theta = {"x.lora_A.weight": torch.tensor([[1.0, 2.0]]), "x.lora_B.weight": torch.tensor([[0.5]])}
-    final = server.run(cfg, runtime, tmp_path / "run", client_ids=[0, 1, 2], initial_adapter=theta,
+    final = server.run(cfg, runtime, tmp_path / "run", client_ids=[0, 1, 2, 3], initial_adapter=theta,
                        save_adapter=lambda a, p: p.mkdir(parents=True, exist_ok=True))
     return theta, final, server.RunDir(tmp_path / "run")
 
@@ -165,13 +165,14 @@ def test_the_round_loop_steps_on_a_secure_sum_and_logs_each_of_its_clients(tmp_p
     total = {"x.lora_A.weight": torch.tensor([[0.2, -0.4]], dtype=torch.float64),
              "x.lora_B.weight": torch.tensor([[0.1]], dtype=torch.float64)}
     theta, final, rd = _loop(tmp_path, SecureRuntime(total))
-    assert torch.allclose(final["x.lora_A.weight"], torch.tensor([[1.1, 1.8]]))  # θ + Σ/2: clients 0 and 1
-    assert torch.allclose(final["x.lora_B.weight"], torch.tensor([[0.55]]))
+    # θ + Σ/3: clients 0, 1 and 3 (client 2 left)
+    assert torch.allclose(final["x.lora_A.weight"], torch.tensor([[1.0 + 0.2 / 3, 2.0 - 0.4 / 3]]))
+    assert torch.allclose(final["x.lora_B.weight"], torch.tensor([[0.5 + 0.1 / 3]]))
     rows = {c["client"]: c for c in rd.events("client")}
-    assert rows[0]["accepted"] and rows[0]["secure"] and rows[0]["num_examples"] == 10
-    assert rows[0]["metrics"] == {"train_loss": 1.0, "num_examples": -5}  # a metric, never the server's field
+    assert rows[0]["accepted"] and rows[0]["secure"] and "num_examples" not in rows[0]
+    assert rows[0]["metrics"] == {"seconds": 1.0, "num_examples": -5}  # a metric, never the server's field
     assert not rows[2]["accepted"] and "secure aggregation" in rows[2]["reason"]
-    assert rd.events("round")[1]["accepted"] == 2
+    assert rd.events("round")[1]["accepted"] == 3
 
 
 def test_under_dp_the_loop_sends_each_client_the_bound_to_clip_to(tmp_path):
@@ -179,7 +180,7 @@ def test_under_dp_the_loop_sends_each_client_the_bound_to_clip_to(tmp_path):
              "x.lora_B.weight": torch.zeros(1, 1, dtype=torch.float64)}
     rt = SecureRuntime(total)
     _loop(tmp_path, rt, privacy={"enabled": True, "clipping_norm": 0.25})
-    assert [i.config[CLIP] for i in rt.seen[0]] == [0.25, 0.25, 0.25]
+    assert [i.config[CLIP] for i in rt.seen[0]] == [0.25] * 4
     assert SecureRuntime.secure and not getattr(runner.Simulation, "secure")
 
 
@@ -189,7 +190,7 @@ def test_a_sum_of_the_wrong_shape_is_rejected_whole_and_the_run_stops(tmp_path):
     with pytest.raises(FeditError, match="fewer than federation.min_replies"):
         _loop(tmp_path, SecureRuntime(total))
     rows = server.RunDir(tmp_path / "run").events("client")
-    assert [r["accepted"] for r in rows] == [False] * 3
+    assert [r["accepted"] for r in rows] == [False] * 4
     assert all("shape" in r["reason"] for r in rows if r["client"] != 2)
 
 
@@ -201,42 +202,116 @@ class FakeNodes:
         pass
 
 
-def test_the_flower_runtime_turns_a_secure_sum_into_failures_and_one_summed(monkeypatch):
-    from fedit.runtime import flower, flower_secagg
+class SecAggGrid:
+    """A Grid whose nodes answer with Flower's real client mod (secaggplus_mod) in-process: node n
+    sends ``vectors[n]`` as its change; ``leave[n] = stage`` makes it fail from that stage on
+    (0 key setup, 1 key sharing, 2 training and masking, 3 unmasking); ``tamper`` may edit a reply."""
 
-    cfg = tiny_config("m", "c", "o", secagg={"enabled": True}, federation={"clients_per_round": 3})
-    theta = {"b": torch.zeros(1), "a": torch.zeros(2, 2)}
-    asked = {}
+    def __init__(self, vectors, leave=None, tamper=None):
+        from types import SimpleNamespace
 
-    def fake_secure_sum(grid, round_num, contents, sc, clipping_range, timeout):
-        asked.update(contents=contents, clipping_range=clipping_range)
-        if fail:
-            return None
-        # nodes 11 and 12 stayed; node 13 (client 2) left; arrays in sorted-name order, then C·Σ bits
-        return flower_secagg.SecureSum([np.ones((2, 2)), np.full(1, 2.0), np.array([0.5 * 2.0000001])], [11, 12], {
-            11: {flower.CLIENT_ID: 0, flower.NUM_EXAMPLES: 4, "metric.train_loss": 2.5},
-            12: {flower.CLIENT_ID: 1, flower.NUM_EXAMPLES: 6}})
+        from flwr.app import Context, RecordDict
 
-    monkeypatch.setattr(flower, "secure_sum", fake_secure_sum)
-    rt = flower.FlowerRuntime(grid=None, cfg=cfg, nodes=FakeNodes({0: 11, 1: 12, 2: 13}))
-    assert rt.secure
-    ins = [FitIns(1, c, {"global": theta}, {CLIP: 0.5}) for c in (0, 1, 2, 3)]
-    fail = False
-    out = list(rt.fit(1, ins))
-    assert [type(o).__name__ for o in out] == ["Failure", "Failure", "Summed"]
-    assert out[0].client_id == 3 and "no connected SuperNode" in out[0].reason
-    assert out[1].client_id == 2 and "left the round" in out[1].reason
-    s = out[2]
-    assert s.clients == [0, 1] and s.num_examples == {0: 4, 1: 6} and s.metrics == {0: {"train_loss": 2.5}, 1: {}}
-    assert torch.equal(s.adapter["a"], torch.ones(2, 2, dtype=torch.float64)) and s.adapter["b"].tolist() == [2.0]
-    assert s.unclipped == 2.0  # C·Σ bits / C, rounded to the whole count
-    assert asked["clipping_range"] == 0.5 and set(asked["contents"]) == {11, 12, 13}
-    assert asked["contents"][11]["secure"]["clipping-range"] == 0.5
-    fail = True
-    out = list(rt.fit(1, ins[:3]))
-    assert [o.client_id for o in out] == [0, 1, 2] and all("halted" in o.reason for o in out)
-    out = list(rt.fit(1, ins[:1]))
-    assert len(out) == 1 and "at least two clients" in out[0].reason
+        self.run = SimpleNamespace(run_id=1)
+        self.vectors, self.leave, self.tamper, self.stage = vectors, leave or {}, tamper, 0
+        self.contexts = {n: Context(run_id=1, node_id=n, node_config={}, state=RecordDict(), run_config={})
+                         for n in vectors}
+
+    def send_and_receive(self, messages, timeout=None):
+        import copy
+
+        from flwr.app import Error, Message
+
+        from fedit.runtime.flower_secagg import secagg_if_configured, secure_reply
+
+        out = []
+        for m in messages:
+            m, n = copy.deepcopy(m), m.metadata.dst_node_id
+            if self.leave.get(n, 99) <= self.stage:
+                out.append(Message(Error(5, f"node {n} left"), reply_to=m))
+                continue
+            reply = secagg_if_configured(m, self.contexts[n], lambda msg, ctx, n=n: Message(
+                secure_reply([np.asarray(a, dtype=np.float64) for a in self.vectors[n]], {"fedit.client-id": n - 10}),
+                reply_to=msg))
+            out.append(self.tamper(self.stage, n, reply) if self.tamper else reply)
+        self.stage += 1
+        return out
+
+
+@pytest.fixture
+def task_identity(monkeypatch):
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+
+def _secure_round(vectors, leave=None, tamper=None, threshold=0.67):
+    from fedit.runtime import flower
+
+    cfg = tiny_config("m", "c", "o", secagg={"enabled": True, "reconstruction_threshold": threshold},
+                      federation={"clients_per_round": 5})
+    theta = {"b": torch.zeros(1, dtype=torch.float64), "a": torch.zeros(2, dtype=torch.float64)}
+    nodes = FakeNodes({n - 10: n for n in vectors})
+    rt = flower.FlowerRuntime(grid=SecAggGrid(vectors, leave, tamper), cfg=cfg, nodes=nodes)
+    ins = [FitIns(1, n - 10, {"global": theta}, {}) for n in sorted(vectors)]
+    return list(rt.fit(1, ins))
+
+
+# node n: its change to "a" (2 values) then to "b" (1 value), sorted by name as clients send them
+VECTORS = {10: [[0.1, -0.2], [0.3]], 11: [[0.3, 0.5], [-0.1]], 12: [[-0.7, 0.05], [0.0]], 13: [[0.2, 0.2], [0.9]],
+           14: [[0.0, 1.0], [-0.5]]}
+
+
+def test_flowers_secagg_plus_in_process_gives_the_sum_of_the_clients_that_stayed(task_identity):
+    """Flower's own client mod and workflow, without a network: the unmasked sum of five clients equals
+    the plain sum within n·2c/Q; a client that leaves at any stage is left out of it, with the stage."""
+    from fedit.runtime.flower_secagg import error_bound
+
+    def expect(out, gone):
+        *failures, s = out
+        kept = [n for n in sorted(VECTORS) if n not in gone]
+        assert [f.client_id for f in failures] == [n - 10 for n in sorted(gone)] and isinstance(s, Summed)
+        assert s.clients == [n - 10 for n in kept]
+        for i, key in enumerate(("a", "b")):
+            plain = np.sum([VECTORS[n][i] for n in kept], axis=0)
+            assert np.abs(s.adapter[key].numpy() - plain).max() <= error_bound(len(kept), 1.0, 2 ** 22)
+        return failures
+
+    expect(_secure_round(VECTORS), set())
+    for stage, words in enumerate(("key setup", "key sharing", "training and masking")):
+        # (flwr 1.41 alone halts the round when a client leaves at stage 0 or 1)
+        failures = expect(_secure_round(VECTORS, leave={12: stage}), {12})
+        assert f"failed in SecAgg+ {words}" in failures[0].reason and "node 12 left" in failures[0].reason
+    expect(_secure_round(VECTORS, leave={12: 1, 13: 2}), {12, 13})
+    expect(_secure_round(VECTORS, leave={12: 3}), set())  # gone after its masked change arrived: still in it
+
+
+def test_secagg_below_the_threshold_or_under_three_clients_unmasks_nothing(task_identity):
+    out = _secure_round(VECTORS, leave={12: 2, 13: 2, 14: 2})  # 2 of 5 left: fewer than 3, the floor
+    assert len(out) == 5 and all(isinstance(f, Failure) and "halted" in f.reason for f in out)
+    out = _secure_round(VECTORS, leave={12: 2}, threshold=1.0)
+    assert all(isinstance(f, Failure) and "halted" in f.reason for f in out)
+    out = _secure_round({n: VECTORS[n] for n in (10, 11)})
+    assert len(out) == 2 and all("at least three clients" in f.reason for f in out)
+
+
+def test_a_client_that_tampers_with_its_masked_weight_gets_the_sum_rejected(task_identity):
+    """A client can change the weight factor inside its masked vector: the unmasked 'sum' is then finite,
+    well-shaped and huge. The runtime rejects any sum beyond what n clipped clients can add up to."""
+    from flwr.common import bytes_to_ndarray, ndarray_to_bytes
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+
+    def tamper(stage, n, reply):
+        if stage == 2 and n == 11:
+            record = reply.content.config_records[RECORD_KEY_CONFIGS]
+            arrays = [bytes_to_ndarray(b) for b in record[Key.MASKED_PARAMETERS]]
+            arrays[0] = (arrays[0] - (5 * 2 ** 22 - 1)) % 2 ** 32  # the total weight becomes 1 instead of 5Q
+            record[Key.MASKED_PARAMETERS] = [ndarray_to_bytes(a) for a in arrays]
+        return reply
+
+    out = _secure_round(VECTORS, tamper=tamper)
+    assert len(out) == 5 and all(isinstance(f, Failure) and "out of range" in f.reason for f in out)
 
 
 def test_secure_aggregation_refuses_what_needs_single_updates(tmp_path):
@@ -244,14 +319,16 @@ def test_secure_aggregation_refuses_what_needs_single_updates(tmp_path):
                             ({"federation": {"max_update_norm": 1.0}}, "max_update_norm = 0"),
                             ({"federation": {"strategy": "scaffold"}}, "strategy scaffold sends more"),
                             ({"lora": {"client_ranks": [2, 4]}}, "sums changes of one shape"),
-                            ({"federation": {"clients_per_round": 1}}, "a sum over one client")]:
+                            ({"federation": {"clients_per_round": 2}}, "clients_per_round >= 3"),
+                            ({"secagg": {"modulus_range": 3 * 2**22}}, "must be a power of 2")]:
         with pytest.raises(FeditError, match=words):
             tiny_config(tmp_path, tmp_path, tmp_path / "o", secagg={"enabled": True, **sections.pop("secagg", {})},
                         **sections)
     with pytest.raises(FeditError, match="fedit flower run --secure-aggregation"):
-        runner.run(tiny_config(tmp_path, tmp_path, tmp_path / "o", secagg={"enabled": True}))
+        runner.run(tiny_config(tmp_path, tmp_path, tmp_path / "o", secagg={"enabled": True},
+                               federation={"clients_per_round": 3}))
     assert not (tmp_path / "o").exists()
-    assert config.from_dict({"secagg": {"enabled": True}}).secagg.enabled
+    assert config.from_dict({"secagg": {"enabled": True}}).secagg.enabled  # the defaults pass
 
 
 def test_a_supernode_that_requires_secure_aggregation_refuses_a_plain_round(tmp_path, monkeypatch):

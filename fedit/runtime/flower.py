@@ -216,11 +216,12 @@ def _train(msg: Message, context: Context) -> Message:
                 del context.state[key]
     metrics = {k: v for k, v in update.metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     metrics["load_seconds"] = round(load_seconds, 3)
-    if secure:
+    if secure:  # in the clear beside the masked change: who, how long, how many values the range clipped
         arrays, clipped = secure_change(ins, update, msg.content["secure"])
-        metrics["secagg_clipped_values"] = clipped
-        return Message(secure_reply(arrays, {CLIENT_ID: cid, NUM_EXAMPLES: update.num_examples,
-                                             **{METRIC + k: v for k, v in metrics.items()}}), reply_to=msg)
+        plain = {"seconds": metrics.get("seconds", 0.0), "load_seconds": metrics["load_seconds"],
+                 "secagg_clipped_values": clipped}
+        return Message(secure_reply(arrays, {CLIENT_ID: cid, **{METRIC + k: v for k, v in plain.items()}}),
+                       reply_to=msg)
     records = {"reply": ConfigRecord({"client-id": cid, "num-examples": update.num_examples}),
                "metrics": MetricRecord(metrics)}
     records.update({ARRAYS + g: adapter_to_record(a) for g, a in update.arrays.items()})
@@ -228,7 +229,7 @@ def _train(msg: Message, context: Context) -> Message:
 
 
 # Fields of a secure reply's plaintext metrics (Flower's FitRes has one flat dict for them).
-CLIENT_ID, NUM_EXAMPLES, METRIC = "fedit.client-id", "fedit.num-examples", "metric."
+CLIENT_ID, METRIC = "fedit.client-id", "metric."
 
 
 def secure_change(ins, update, secure: ConfigRecord) -> tuple[list, int]:
@@ -405,7 +406,9 @@ class FlowerRuntime:
 
     def _secure_fit(self, round_num: int, instructions: list) -> Iterator:
         """One SecAgg+ round (fedit/runtime/flower_secagg.py): a Failure per client that is not in the
-        sum, then one Summed of the others' changes."""
+        sum, then one Summed of the others' changes, if it passes the checks a sum allows."""
+        import math
+
         import numpy as np
         import torch
 
@@ -421,14 +424,19 @@ class FlowerRuntime:
                 by_node[node] = ins
         if not by_node:
             return
+        keys = sorted(instructions[0].global_adapter)
+        values = sum(v.numel() for v in instructions[0].global_adapter.values())
         bound = float(instructions[0].config.get(CLIP, 0.0))
         c = bound or sc.clipping_range  # under DP every value of a clipped change is within ±C
+        n = len(by_node)
         problem = None
-        if len(by_node) < 2:
-            problem = "secure aggregation needs at least two clients in a round; this change is not used"
-        elif len(by_node) * sc.quantization_range >= sc.modulus_range:
-            problem = (f"secure aggregation of {len(by_node)} clients needs secagg.modulus_range > clients × "
-                       f"quantization_range = {len(by_node) * sc.quantization_range}")
+        if n < 3:
+            problem = ("secure aggregation needs at least three clients in a round (Flower's masks come from "
+                       "32-bit seeds: fewer would let the server search them); these changes are not used")
+        elif n * sc.quantization_range >= sc.modulus_range:
+            problem = f"secure aggregation of {n} clients needs secagg.modulus_range > {n * sc.quantization_range}"
+        elif bound and 2 * math.sqrt(values) / sc.quantization_range >= 0.5:
+            problem = f"secagg.quantization_range = {sc.quantization_range} is too coarse for {values} values under DP"
         result = None
         if problem is None:
             contents = {}
@@ -436,39 +444,44 @@ class FlowerRuntime:
                 contents[node] = fitins_to_content(ins, self.cfg_text)
                 contents[node]["secure"] = ConfigRecord({"clipping-range": c,
                                                          "quantization-range": sc.quantization_range})
-            timeout = self.cfg.federation.round_timeout or None
-            try:
-                result = secure_sum(self.grid, round_num, contents, sc, c, timeout)
+            try:  # round_timeout applies to each of SecAgg+'s four stages
+                result = secure_sum(self.grid, round_num, contents, sc, c, self.cfg.federation.round_timeout or None)
             except Exception as e:  # e.g. a masked vector of another shape: Flower's unmasking cannot add it
                 log.error("round %d: secure aggregation failed: %s: %s", round_num, type(e).__name__, e)
                 problem = f"secure aggregation failed: {type(e).__name__}: {str(e)[:200]}"
-            else:
-                if result is None:
-                    problem = ("secure aggregation halted: fewer clients than secagg.reconstruction_threshold "
-                               "stayed in the round, so nothing was unmasked")
+        if result is not None and not result.contributors:
+            problem = "secure aggregation halted: too few clients stayed in the round to unmask the sum"
+        if result is not None and result.contributors:
+            total = [torch.from_numpy(np.asarray(a, dtype=np.float64)) for a in result.total]
+            m = len(result.contributors)
+            # What a sum can be checked for: its shape, and the range Flower clipped every value to (a
+            # client that tampers with its masked vector's weight can blow the sum up, finite and well-shaped).
+            largest = max((float(t.abs().max()) for t in total if t.numel()), default=0.0)
+            unclipped = float(round(float(total.pop()[0]) / bound)) if bound and total and total[-1].numel() == 1 \
+                else None
+            if len(total) != len(keys) or [t.shape for t in total] != [instructions[0].global_adapter[k].shape
+                                                                         for k in keys]:
+                problem = "the unmasked sum has other arrays than the adapter's"
+            elif largest > m * c * (1 + 2 / sc.quantization_range) + 1e-9 or (bound and (unclipped is None or not 0 <= unclipped <= m)):
+                problem = (f"the unmasked sum is out of range (a value of {largest:.3g} from {m} clients clipped to "
+                           f"±{c:g}): a client tampered with its masked vector; the round's changes are not used")
         if problem:
+            log.warning("round %d: %s", round_num, problem)
             for ins in by_node.values():
                 yield Failure(ins.client_id, problem)
             return
         for node, ins in by_node.items():
             if node not in result.contributors:
-                yield Failure(ins.client_id, "left the round during secure aggregation; its change is not in "
-                                             "the sum (the others' masks for it were removed with their shares)")
-        clients, num_examples, metrics = [], {}, {}
+                yield Failure(ins.client_id, result.errors.get(node, "its change is not in the sum"))
+        clients, metrics = [], {}
         for node in result.contributors:
-            cid, m = by_node[node].client_id, result.metrics.get(node, {})
-            if m.get(CLIENT_ID) != cid:  # the sum is what it is; the mismatch is for the operator to see
+            cid, reported = by_node[node].client_id, result.metrics.get(node, {})
+            if reported.get(CLIENT_ID) != cid:  # the sum is what it is; the mismatch is for the operator to see
                 log.warning("round %d: SuperNode %s (client %s) reported client-id %r", round_num, node, cid,
-                            m.get(CLIENT_ID))
+                            reported.get(CLIENT_ID))
             clients.append(cid)
-            num_examples[cid] = m.get(NUM_EXAMPLES)
-            metrics[cid] = {k[len(METRIC):]: v for k, v in m.items() if k.startswith(METRIC)}
-        keys = sorted(instructions[0].global_adapter)
-        total = [torch.from_numpy(np.asarray(a, dtype=np.float64)) for a in result.total]
-        unclipped = None
-        if bound:  # the last value: Σ C·[not clipped]
-            unclipped = float(round(float(total.pop()[0]) / bound)) if total and total[-1].numel() == 1 else None
-        yield Summed(clients, {ADAPTER: dict(zip(keys, total))}, unclipped, num_examples, metrics)
+            metrics[cid] = {k[len(METRIC):]: v for k, v in reported.items() if k.startswith(METRIC)}
+        yield Summed(clients, {ADAPTER: dict(zip(keys, total))}, unclipped, metrics)
 
 
 server_app = ServerApp()

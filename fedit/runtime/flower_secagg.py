@@ -17,7 +17,16 @@ Quantisation is stochastic rounding of each value, clipped to [−c, c], onto [0
 clients is off by less than n·2c/Q per value (``error_bound``).
 
 A round halts when fewer clients than the reconstruction threshold remain at some stage (or
-when fewer than two were asked): nothing is unmasked, ``secure_sum`` returns None.
+when fewer than three were asked): nothing is unmasked, ``secure_sum`` returns None. The threshold
+is never below three: Flower derives every mask from a 32-bit seed, so a vector hidden by a
+single unknown pairwise mask (a client with one other client left) could be found by trying
+all 2^32 seeds; with two other clients left it takes 2^64.
+
+Two things are patched around flwr 1.41's workflow: a client that left before the masked
+vectors (stage 0 or 1) stays in its bookkeeping and makes the unmasking stage ask everyone for
+shares that nobody holds, so the round always halted; fedit drops such clients from the
+round's neighbour sets before stage 2 (they never masked anything with anyone). And the reason a
+client failed is kept per client (the workflow keeps it without the client's id).
 """
 
 from __future__ import annotations
@@ -86,36 +95,83 @@ class _Workflow(SecAggPlusWorkflow):
         state.nid_to_fitins = {nid: self.contents[nid] for nid in state.nid_to_fitins}
         return ok
 
+    def collect_masked_vectors_stage(self, grid, context, state):
+        # Clients that left at stage 0 or 1 masked nothing with anyone: out of the bookkeeping, or the
+        # unmasking stage asks for their key shares, which nobody holds, and halts.
+        alive = set(state.active_node_ids)
+        state.sampled_node_ids = alive
+        state.nid_to_neighbours = {n: nb & alive for n, nb in state.nid_to_neighbours.items() if n in alive}
+        return super().collect_masked_vectors_stage(grid, context, state)
+
+
+class _Recording:
+    """The Grid, keeping the error of every failed reply with its node and the stage it failed in."""
+
+    STAGES = ("key setup", "key sharing", "training and masking", "unmasking")
+
+    def __init__(self, grid):
+        self.grid, self.stage, self.errors = grid, 0, {}
+
+    def __getattr__(self, name):
+        return getattr(self.grid, name)
+
+    def send_and_receive(self, messages, timeout=None):
+        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        answered = {r.metadata.src_node_id for r in replies}
+        for r in replies:
+            if r.has_error():
+                self.errors.setdefault(r.metadata.src_node_id, f"failed in SecAgg+ {self.STAGES[self.stage]}: "
+                                                              f"{(r.error.reason or '').strip()[-300:]}")
+        for m in messages:
+            if m.metadata.dst_node_id not in answered:
+                self.errors.setdefault(m.metadata.dst_node_id,
+                                       f"no reply in SecAgg+ {self.STAGES[self.stage]} within the round timeout")
+        self.stage = min(self.stage + 1, len(self.STAGES) - 1)
+        return replies
+
+
+def threshold_of(clients: int, num_shares: float, threshold: float) -> int:
+    """The reconstruction threshold as a count, at least 3: the fraction ``threshold`` of the share
+    count Flower derives from the fraction ``num_shares`` (odd; all clients when it would be 2 or less)."""
+    shares = round(num_shares * clients)
+    if shares < clients and shares % 2 == 0:
+        shares += 1
+    if shares <= 2:
+        shares = clients
+    return min(shares, max(3, round(threshold * shares)))
+
 
 @dataclass
 class SecureSum:
     total: list[np.ndarray]  # Σ over the contributors of the arrays each sent, in their order
     contributors: list[int]  # node ids whose arrays are in the sum
     metrics: dict[int, dict] = field(default_factory=dict)  # node id -> what it reported in the clear
+    errors: dict[int, str] = field(default_factory=dict)  # node id -> why it is not in the sum
 
 
 def secure_sum(grid, round_num: int, contents: dict[int, RecordDict], sc, clipping_range: float,
-               timeout: float | None) -> SecureSum | None:
-    """Run SecAgg+ over the nodes of ``contents`` (node id -> train content); None if it halted.
-    ``sc`` is the run's SecAggConfig."""
-    if len(contents) < 2:
-        return None
+               timeout: float | None) -> SecureSum:
+    """Run SecAgg+ over the nodes of ``contents`` (node id -> train content); ``sc`` is the run's
+    SecAggConfig. A round that halted has no ``total`` and no contributors."""
+    if len(contents) < 3:
+        return SecureSum([], [])
+    recording = _Recording(grid)
+    threshold = threshold_of(len(contents), sc.num_shares, sc.reconstruction_threshold)
     stand_in = _Round(grid, list(contents))
     legacy = LegacyContext(Context(run_id=grid.run.run_id, node_id=0, node_config={}, state=RecordDict(),
                                    run_config={}), strategy=stand_in)
     legacy.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: round_num})
     legacy.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord()  # read, and not used, by setup_stage
-    workflow = _Workflow(float(sc.num_shares), float(sc.reconstruction_threshold), max_weight=1.0,
-                         clipping_range=clipping_range, quantization_range=sc.quantization_range,
-                         modulus_range=sc.modulus_range, timeout=timeout)
+    workflow = _Workflow(float(sc.num_shares), threshold, max_weight=1.0, clipping_range=clipping_range,
+                         quantization_range=sc.quantization_range, modulus_range=sc.modulus_range, timeout=timeout)
     workflow.contents = contents
-    workflow(grid, legacy)
+    workflow(recording, legacy)
     if not stand_in.results:
-        return None
+        return SecureSum([], [], errors=recording.errors)
     mean = parameters_to_ndarrays(stand_in.results[0][1].parameters)  # every result carries the same aggregate
     n = len(stand_in.results)
     return SecureSum([m * n for m in mean], [p.node_id for p, _ in stand_in.results],
-                     {p.node_id: dict(r.metrics) for p, r in stand_in.results})
+                     {p.node_id: dict(r.metrics) for p, r in stand_in.results}, recording.errors)
 
 
 # ------------------------------------------------------------------ client side
