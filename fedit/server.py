@@ -308,8 +308,9 @@ def run(cfg: Config, runtime: Runtime, run_dir: str | Path, *, client_ids: list[
 
 
 def update_norm(adapter: Adapter, reference: Adapter) -> float:
-    """The L2 norm of a client's change over all its tensors, in float64."""
-    return math.sqrt(sum(float((adapter[k].double() - reference[k].double()).pow(2).sum()) for k in reference))
+    """The L2 norm of a client's change over all its tensors, in float64, summed in name order (a resumed
+    run reads the adapter from a file, in another order, and must log the same number)."""
+    return math.sqrt(sum(float((adapter[k].double() - reference[k].double()).pow(2).sum()) for k in sorted(reference)))
 
 
 def save_arrays(arrays: Adapter, path: Path) -> None:
