@@ -6,7 +6,7 @@ The same split, init, client selection and local budget for every run; only priv
 - training: SmolLM2-135M-Instruct (the default model), LoRA r=8 on every linear layer,
   --rounds rounds of --per-round clients drawn with the public seed (privacy.sampling = "fixed":
   no amplification by sampling is claimed), one local epoch each;
-- canaries: 5 random PINs, 10 copies each, in the data of the client the seed selects most
+- canaries: 5 random PINs, --canary-repeats copies each, in the data of the client the seed selects most
   often, each ranked after training among 200 never-inserted PINs (exposure in bits, 7.65 the
   maximum, about 1.44 when not memorised);
 - DP: each --noise z (0: no DP) with privacy.clipping_norm = --clip, δ = --delta.
@@ -42,6 +42,7 @@ def main() -> None:
     p.add_argument("--noise", default="0,0.5,1.0", help="noise multipliers, 0 for no DP")
     p.add_argument("--clip", type=float, default=0.1)
     p.add_argument("--delta", type=float, default=1e-4)
+    p.add_argument("--canary-repeats", type=int, default=10, help="copies of each of the 5 secrets")
     p.add_argument("--seed", type=int, default=42)
     a = p.parse_args()
     out = Path(a.out)
@@ -54,7 +55,7 @@ def main() -> None:
     canary_client = min(ids, key=lambda c: (-picks[c], c))
     rows = []
     for z in [float(x) for x in a.noise.split(",")]:
-        name = "no-dp" if z == 0 else f"z{z:g}"
+        name = ("no-dp" if z == 0 else f"z{z:g}") + (f"-x{a.canary_repeats}" if a.canary_repeats != 10 else "")
         run_dir = out / "runs" / name
         cfg = config_mod.from_dict({
             "data": {"clients_dir": str(parts)},
@@ -62,7 +63,7 @@ def main() -> None:
             "federation": {"rounds": a.rounds, "clients_per_round": a.per_round, "seed": a.seed},
             "eval": {"batch_size": 8, "cutoff_len": 512},
             "privacy": {"enabled": z > 0, "noise_multiplier": z or 1.0, "clipping_norm": a.clip, "delta": a.delta},
-            "canary": {"client": canary_client, "count": 5, "repeats": 10, "references": 200},
+            "canary": {"client": canary_client, "count": 5, "repeats": a.canary_repeats, "references": 200},
             "run": {"out": str(run_dir), "progress": False}})
         if (run_dir / "adapter" / "adapter_config.json").is_file():
             print(f"{name}: reusing {run_dir}")
