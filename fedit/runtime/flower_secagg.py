@@ -17,7 +17,7 @@ Quantisation is stochastic rounding of each value, clipped to [−c, c], onto [0
 clients is off by less than n·2c/Q per value (``error_bound``).
 
 A round halts when fewer clients than the reconstruction threshold remain at some stage (or
-when fewer than three were asked): nothing is unmasked, ``secure_sum`` returns None. The threshold
+when fewer than three were asked): nothing is unmasked, ``secure_sum`` has no contributors. The threshold
 is never below three: Flower derives every mask from a 32-bit seed, so a vector hidden by a
 single unknown pairwise mask (a client with one other client left) could be found by trying
 all 2^32 seeds; with two other clients left it takes 2^64.
@@ -31,7 +31,6 @@ client failed is kept per client (the workflow keeps it without the client's id)
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -46,9 +45,6 @@ from flwr.server.strategy import Strategy
 from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
 from flwr.server.workflow.constant import Key as WorkflowKey
-
-log = logging.getLogger("fedit.flower")
-
 
 def error_bound(clients: int, clipping_range: float, quantization_range: int) -> float:
     """The largest error per value of the unmasked sum: stochastic rounding moves each client's value
