@@ -62,7 +62,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedit import config as config_mod
 from fedit.config import Config
 from fedit.errors import FeditError
-from fedit.runtime.flower_secagg import is_secure, secagg_if_configured, secure_reply, secure_sum
+from fedit.runtime.flower_secagg import dp_clip, is_secure, secagg_if_configured, secure_reply, secure_sum
 
 log = logging.getLogger("fedit.flower")
 
@@ -240,8 +240,6 @@ def secure_change(ins, update, secure: ConfigRecord) -> tuple[list, int]:
     Under DP the clip is to C·(1 − 2√d/Q), not C: quantisation moves each of the d values by less
     than one step 2C/Q, so what enters the sum has norm at most C, the sensitivity the accountant
     assumes."""
-    import math
-
     import numpy as np
     import torch
 
@@ -255,8 +253,8 @@ def secure_change(ins, update, secure: ConfigRecord) -> tuple[list, int]:
     bound = float(ins.config.get(CLIP, 0.0))
     if bound:
         d = sum(v.numel() for v in delta.values())
-        inner = bound * (1 - 2 * math.sqrt(d) / int(secure["quantization-range"]))
-        if inner <= bound / 2:
+        inner = dp_clip(bound, d, int(secure["quantization-range"]))
+        if inner is None:
             raise FeditError(f"secagg.quantization_range = {secure['quantization-range']} is too coarse for "
                              f"{d} values under DP; raise it (and secagg.modulus_range)")
         delta, norm = clip_norm(delta, inner)
@@ -369,21 +367,23 @@ class FlowerRuntime:
         from fedit.protocol import Failure
 
         self.nodes.refresh(wait=min(self.nodes.node_wait, 30.0))  # a SuperNode that (re)joined since last round
-        if self.secure:
-            yield from self._secure_fit(round_num, instructions)
-            return
-        timeout = self.cfg.federation.round_timeout
-        messages, targets = [], []
+        by_node = {}  # node id -> the FitIns of the client it serves
         for ins in instructions:
             node = self.nodes.by_client.get(ins.client_id)
             if node is None:
                 yield Failure(ins.client_id, f"no connected SuperNode has client-id = {ins.client_id}")
-                continue
-            messages.append(Message(fitins_to_content(ins, self.cfg_text), dst_node_id=node, message_type="train",
-                                    group_id=str(round_num), ttl=timeout if timeout > 0 else None))
-            targets.append(ins.client_id)
-        if not messages:
+            else:
+                by_node[node] = ins
+        if not by_node:
             return
+        if self.secure:
+            yield from self._secure_fit(round_num, by_node)
+            return
+        timeout = self.cfg.federation.round_timeout
+        messages = [Message(fitins_to_content(ins, self.cfg_text), dst_node_id=node, message_type="train",
+                            group_id=str(round_num), ttl=timeout if timeout > 0 else None)
+                    for node, ins in by_node.items()]
+        targets = [ins.client_id for ins in by_node.values()]
         pending = dict(zip(self.grid.push_messages(messages), targets))
         deadline = time.monotonic() + timeout if timeout > 0 else None
         while pending:
@@ -404,41 +404,26 @@ class FlowerRuntime:
                 time.sleep(self.poll)
 
 
-    def _secure_fit(self, round_num: int, instructions: list) -> Iterator:
-        """One SecAgg+ round (fedit/runtime/flower_secagg.py): a Failure per client that is not in the
-        sum, then one Summed of the others' changes, if it passes the checks a sum allows."""
-        import math
-
-        import numpy as np
-        import torch
-
+    def _secure_fit(self, round_num: int, by_node: dict) -> Iterator:
+        """One SecAgg+ round (fedit/runtime/flower_secagg.py) over the nodes of ``by_node``: a Failure per
+        client that is not in the sum, then one Summed of the others' changes, if the sum passes its checks."""
         from fedit.protocol import ADAPTER, CLIP, Failure, Summed
 
         sc = self.cfg.secagg
-        by_node = {}
-        for ins in instructions:
-            node = self.nodes.by_client.get(ins.client_id)
-            if node is None:
-                yield Failure(ins.client_id, f"no connected SuperNode has client-id = {ins.client_id}")
-            else:
-                by_node[node] = ins
-        if not by_node:
-            return
-        keys = sorted(instructions[0].global_adapter)
-        values = sum(v.numel() for v in instructions[0].global_adapter.values())
-        bound = float(instructions[0].config.get(CLIP, 0.0))
+        first = next(iter(by_node.values()))
+        values = sum(v.numel() for v in first.global_adapter.values())
+        bound = float(first.config.get(CLIP, 0.0))
         c = bound or sc.clipping_range  # under DP every value of a clipped change is within ±C
         n = len(by_node)
-        problem = None
+        problem, result, total, unclipped = None, None, None, None
         if n < 3:
             problem = ("secure aggregation needs at least three clients in a round (Flower's masks come from "
                        "32-bit seeds: fewer would let the server search them); these changes are not used")
         elif n * sc.quantization_range >= sc.modulus_range:
             problem = f"secure aggregation of {n} clients needs secagg.modulus_range > {n * sc.quantization_range}"
-        elif bound and 2 * math.sqrt(values) / sc.quantization_range >= 0.5:
+        elif bound and dp_clip(bound, values, sc.quantization_range) is None:
             problem = f"secagg.quantization_range = {sc.quantization_range} is too coarse for {values} values under DP"
-        result = None
-        if problem is None:
+        else:
             contents = {}
             for node, ins in by_node.items():
                 contents[node] = fitins_to_content(ins, self.cfg_text)
@@ -447,24 +432,13 @@ class FlowerRuntime:
             try:  # round_timeout applies to each of SecAgg+'s four stages
                 result = secure_sum(self.grid, round_num, contents, sc, c, self.cfg.federation.round_timeout or None)
             except Exception as e:  # e.g. a masked vector of another shape: Flower's unmasking cannot add it
-                log.error("round %d: secure aggregation failed: %s: %s", round_num, type(e).__name__, e)
                 problem = f"secure aggregation failed: {type(e).__name__}: {str(e)[:200]}"
-        if result is not None and not result.contributors:
-            problem = "secure aggregation halted: too few clients stayed in the round to unmask the sum"
-        if result is not None and result.contributors:
-            total = [torch.from_numpy(np.asarray(a, dtype=np.float64)) for a in result.total]
-            m = len(result.contributors)
-            # What a sum can be checked for: its shape, and the range Flower clipped every value to (a
-            # client that tampers with its masked vector's weight can blow the sum up, finite and well-shaped).
-            largest = max((float(t.abs().max()) for t in total if t.numel()), default=0.0)
-            unclipped = float(round(float(total.pop()[0]) / bound)) if bound and total and total[-1].numel() == 1 \
-                else None
-            if len(total) != len(keys) or [t.shape for t in total] != [instructions[0].global_adapter[k].shape
-                                                                         for k in keys]:
-                problem = "the unmasked sum has other arrays than the adapter's"
-            elif largest > m * c * (1 + 2 / sc.quantization_range) + 1e-9 or (bound and (unclipped is None or not 0 <= unclipped <= m)):
-                problem = (f"the unmasked sum is out of range (a value of {largest:.3g} from {m} clients clipped to "
-                           f"±{c:g}): a client tampered with its masked vector; the round's changes are not used")
+            else:
+                if not result.contributors:
+                    problem = "secure aggregation halted: too few clients stayed in the round to unmask the sum"
+                else:
+                    total, unclipped, problem = check_sum(result.total, first.global_adapter, len(result.contributors),
+                                                          c, bound, sc.quantization_range)
         if problem:
             log.warning("round %d: %s", round_num, problem)
             for ins in by_node.values():
@@ -481,7 +455,31 @@ class FlowerRuntime:
                             reported.get(CLIENT_ID))
             clients.append(cid)
             metrics[cid] = {k[len(METRIC):]: v for k, v in reported.items() if k.startswith(METRIC)}
-        yield Summed(clients, {ADAPTER: dict(zip(keys, total))}, unclipped, metrics)
+        yield Summed(clients, {ADAPTER: total}, unclipped, metrics)
+
+
+def check_sum(arrays: list, reference: dict, clients: int, c: float, bound: float, q: int):
+    """(Σ Δ_k by tensor name, Σ not-clipped bits or None, None) from an unmasked sum, or (None, None, why not).
+
+    What a sum can be checked for: its arrays (the adapter's, in name order, then under DP the bits'
+    value C·Σ b_k), and the range Flower clipped every value to: a client that tampers with the weight
+    inside its masked vector makes a finite, well-shaped and huge 'sum'."""
+    import numpy as np
+    import torch
+
+    keys = sorted(reference)
+    total = [torch.from_numpy(np.asarray(a, dtype=np.float64)) for a in arrays]
+    unclipped = None
+    if bound and total and total[-1].numel() == 1:
+        unclipped = float(round(float(total.pop()[0]) / bound))
+    if [tuple(t.shape) for t in total] != [tuple(reference[k].shape) for k in keys]:
+        return None, None, "the unmasked sum has other arrays than the adapter's"
+    largest = max((float(t.abs().max()) for t in total if t.numel()), default=0.0)
+    if largest > clients * c * (1 + 2 / q) + 1e-9 or (bound and (unclipped is None or not 0 <= unclipped <= clients)):
+        return None, None, (f"the unmasked sum is out of range (a value of {largest:.3g} from {clients} clients "
+                            f"clipped to ±{c:g}): a client tampered with its masked vector; the round's changes "
+                            f"are not used")
+    return dict(zip(keys, total)), unclipped, None
 
 
 server_app = ServerApp()

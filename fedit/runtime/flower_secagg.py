@@ -52,6 +52,14 @@ def error_bound(clients: int, clipping_range: float, quantization_range: int) ->
     return clients * 2 * clipping_range / quantization_range
 
 
+def dp_clip(bound: float, values: int, quantization_range: int) -> float | None:
+    """The L2 norm a client clips its change to under DP so that, quantised, it stays within ``bound``:
+    C·(1 − 2√d/Q), since rounding moves each of d values by less than one step 2C/Q. None when that
+    leaves less than half of C (Q too coarse for d)."""
+    inner = bound * (1 - 2 * values ** 0.5 / quantization_range)
+    return inner if inner > bound / 2 else None
+
+
 # ------------------------------------------------------------------ server side
 
 class _Round(Strategy):
