@@ -24,9 +24,12 @@ import json
 from collections import Counter
 from pathlib import Path
 
+from rich.console import Console
+
 from fedit import config as config_mod
-from fedit import runner, server
+from fedit import server
 from fedit.data import partition
+from fedit.reproduce import train_or_reuse
 from fedit.strategies import FedAvg
 
 
@@ -65,11 +68,7 @@ def main() -> None:
             "privacy": {"enabled": z > 0, "noise_multiplier": z or 1.0, "clipping_norm": a.clip, "delta": a.delta},
             "canary": {"client": canary_client, "count": 5, "repeats": a.canary_repeats, "references": 200},
             "run": {"out": str(run_dir), "progress": False}})
-        if (run_dir / "adapter" / "adapter_config.json").is_file():
-            print(f"{name}: reusing {run_dir}")
-        else:
-            print(f"{name}: training", flush=True)
-            runner.run(None, resume=str(run_dir)) if (run_dir / "state.json").is_file() else runner.run(cfg)
+        train_or_reuse(name, cfg, run_dir, out, None, Console(), f"z = {z:g}")
         rd = server.RunDir(run_dir)
         evals = [row["eval"]["loss"] for row in rd.events("round") if "eval" in row]
         eps = [row["privacy"]["epsilon"] for row in rd.events("round") if "privacy" in row]

@@ -27,9 +27,12 @@ import json
 import statistics
 from pathlib import Path
 
+from rich.console import Console
+
 from fedit import config as config_mod
-from fedit import runner, server
+from fedit import server
 from fedit.data import partition
+from fedit.reproduce import train_or_reuse
 
 
 def main() -> None:
@@ -58,12 +61,7 @@ def main() -> None:
                 "run": {"out": str(run_dir), "progress": False}}
         for key, values in sections.items():
             base[key] = {**base.get(key, {}), **values}
-        if (run_dir / "adapter" / "adapter_config.json").is_file():
-            print(f"{name}: reusing {run_dir}")
-        else:
-            print(f"{name}: training", flush=True)
-            runner.run(None, resume=str(run_dir)) if (run_dir / "state.json").is_file() else \
-                runner.run(config_mod.from_dict(base))
+        train_or_reuse(name, config_mod.from_dict(base), run_dir, out, None, Console(), name)
         return server.RunDir(run_dir)
 
     krum = {"aggregator": "multikrum", "byzantine_clients": 2}
