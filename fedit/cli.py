@@ -118,7 +118,7 @@ COMMANDS = {"partition": _partition, "run": _run, "bench": _bench, "flower": flo
             **eval_cli.COMMANDS, **use_cli.COMMANDS}
 
 
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
     """fedit prints its own progress; the libraries' load bars and deprecation notes are noise to a user."""
     import warnings
 
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
 
     console = Console(soft_wrap=True, markup=False, highlight=False)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    _quiet_libraries()
+    quiet_libraries()
     try:
         COMMANDS[args.command](args, console)
     except FeditError as e:

@@ -30,6 +30,7 @@ from pathlib import Path
 from rich.console import Console
 
 from fedit import config as config_mod
+from fedit.cli import quiet_libraries
 from fedit import server
 from fedit.data import partition
 from fedit.reproduce import train_or_reuse
@@ -45,6 +46,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--seed", type=int, default=42)
     a = p.parse_args()
+    quiet_libraries()
     out = Path(a.out)
     parts = out / "data"
     if not (parts / "manifest.json").is_file():
