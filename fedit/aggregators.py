@@ -51,6 +51,7 @@ class Aggregator:
         self.acc: Arrays = {}
         self.total = 0
         self.deltas: list[Arrays] = []
+        self.kept: list[int] | None = None  # Krum: the indices (in order of ``add``) whose mean is the result
 
     @property
     def streaming(self) -> bool:
@@ -86,8 +87,8 @@ class Aggregator:
         if self.kind == "trimmed_mean":
             return {k: trimmed_mean(torch.stack([d[k] for d in self.deltas]), self.trim_fraction)
                     for k in self.deltas[0]}
-        chosen = krum_choice(self.deltas, self.f, multi=self.kind == "multikrum")
-        return {k: torch.stack([self.deltas[i][k] for i in chosen]).mean(0) for k in self.deltas[0]}
+        self.kept = krum_choice(self.deltas, self.f, multi=self.kind == "multikrum")
+        return {k: torch.stack([self.deltas[i][k] for i in self.kept]).mean(0) for k in self.deltas[0]}
 
 
 def median(x: torch.Tensor) -> torch.Tensor:

@@ -296,6 +296,8 @@ def run(cfg: Config, runtime: Runtime, run_dir: str | Path, *, client_ids: list[
                    "train_seconds": round(time.perf_counter() - t0, 3)}
             if dp is not None:
                 row["privacy"] = dict(dp.last_report)
+            if strategy.kept_clients is not None:
+                row["kept"] = strategy.kept_clients  # Krum / Multi-Krum: whose changes made the round's step
             if evaluate and cfg.eval.every and (r % cfg.eval.every == 0 or r == fed.rounds):
                 t_eval = time.perf_counter()
                 row["eval"] = evaluate(global_adapter)

@@ -255,15 +255,18 @@ def test_two_of_ten_attackers_move_the_mean_but_not_the_defences(ten_clients, ki
         assert d[name] <= 1.0, (name, d)
 
 
-def test_attack_metrics_say_who_attacked(ten_clients, tmp_path):
+def test_attack_metrics_say_who_attacked_and_whom_multikrum_kept(ten_clients, tmp_path):
     from fedit import runner
 
     root, cfg, prep, *_ = ten_clients
-    acfg = cfg.replace(attack={"kind": "sign_flip", "clients": [3, 7]}, run={"out": str(tmp_path / "run")},
-                       federation={"aggregator": "median"})
+    acfg = cfg.replace(attack={"kind": "scale", "factor": 100.0, "clients": [3, 7]},
+                       run={"out": str(tmp_path / "run")},
+                       federation={"aggregator": "multikrum", "byzantine_clients": 2})
     run_dir = runner.run(acfg, loaded=prep.loaded)
     rows = server.RunDir(run_dir).events("client")
-    assert {r["client"] for r in rows if r["metrics"].get("attack") == "sign_flip"} == {3, 7}
+    assert {r["client"] for r in rows if r["metrics"].get("attack") == "scale"} == {3, 7}
+    # Multi-Krum with f = 2 keeps n - f = 8 changes: here exactly the honest ones
+    assert [r["kept"] for r in server.RunDir(run_dir).events("round") if r["round"] >= 1] == [[0, 1, 2, 4, 5, 6, 8, 9]]
     import json
 
     assert json.loads((run_dir / "run.json").read_text())["attack"]["clients"] == [3, 7]

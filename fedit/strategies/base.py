@@ -54,6 +54,7 @@ class Strategy:
         self.aggregator = dict(kind=aggregator, trim_fraction=trim_fraction, byzantine_clients=byzantine_clients)
         self.max_update_norm = max_update_norm
         self.privacy = None  # a fedit.privacy.ClientDP when privacy.enabled: it then combines the changes
+        self.kept_clients: list[int] | None = None  # after aggregate: the clients Krum kept (None: all used)
 
     def select(self, round_num: int, client_ids: list[int], k: int, seed: int) -> list[int]:
         """Pick ``k`` distinct clients uniformly at random; seeded by (seed, round) alone so resume picks alike."""
@@ -84,7 +85,7 @@ class ServerOptimizer(Strategy):
                   updates: Iterable[Update | Summed]) -> tuple[Arrays, int]:
         base = {k: v.to(torch.float64) for k, v in global_adapter.items()}
         combine = self.privacy.combiner(base) if self.privacy else Aggregator(**self.aggregator)
-        used = 0
+        used, ids = 0, []
         for u in updates:
             if isinstance(u, Summed):  # secure aggregation: the contributors' changes, already added up
                 combine.add_sum({k: v.to(torch.float64) for k, v in u.adapter.items()}, len(u.clients), u.unclipped)
@@ -96,7 +97,10 @@ class ServerOptimizer(Strategy):
             combine.add(delta, u.num_examples)
             self.observe(u)
             used += 1
+            ids.append(u.client_id)
         delta = combine.result()
+        kept = getattr(combine, "kept", None)
+        self.kept_clients = None if kept is None else sorted(ids[i] for i in kept)
         if delta is None:
             return global_adapter, 0
         new = self.step(base, delta)
