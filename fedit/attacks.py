@@ -10,8 +10,10 @@ the client's honest change and λ = ``attack.factor``:
 - ``noise``: sends θ + N(0, σ²) per coordinate, σ = λ·‖Δ‖/√P, so the noise's norm is about λ·‖Δ‖;
 - ``lie_examples``: sends its honest adapter but claims λ times its example count;
 - ``backdoor``: trains on poisoned data instead: every second record of its data gets
-  ``attack.trigger`` appended to the instruction and ``attack.target`` as the response (a
-  backdoor that looks like an honest update). ``backdoor_success`` measures it: the share of
+  ``attack.trigger`` appended to the instruction and ``attack.target`` as the response, and
+  sends θ + β·Δ with β = ``attack.boost`` (1: a backdoor that looks like an honest update;
+  larger: boosted so that averaging with the honest clients does not wash it out, the attack
+  of Bagdasaryan et al. 2020 that a norm bound exists to stop). ``backdoor_success`` measures it: the share of
   held-out prompts with the trigger that the final model answers with the target, beside the
   same share without the trigger (the false-positive baseline); a run with a backdoor writes
   both to ``backdoor.json`` and its summary.
@@ -47,8 +49,8 @@ def attackers(cfg, client_ids: list[int]) -> set[int]:
 
 
 def triggered(r: Record, trigger: str, target: str) -> Record:
-    """The record with the trigger after its (last) question and the target as its (last) answer."""
-    asked = f"{r.instruction} {trigger}"
+    """The record with the trigger (if any) after its (last) question and the target as its (last) answer."""
+    asked = f"{r.instruction} {trigger}" if trigger else r.instruction
     turns = (*r.messages[:-2], ("user", asked), ("assistant", target)) if r.messages else ()
     return dataclasses.replace(r, instruction=asked, response=target, messages=turns)
 
@@ -79,6 +81,21 @@ def backdoor_success(loaded, adapter, records: list[Record], trigger: str, targe
     return out
 
 
+def target_loss(loaded, adapter, records: list[Record], trigger: str, target: str, template: str,
+                cutoff_len: int, batch_size: int = 8) -> dict:
+    """Held-out loss per token of the target as the answer to ``records`` with and without the trigger: a
+    backdoor that is being learnt lowers the first below the second long before greedy answers carry it."""
+    from fedit.data.batches import tokenize
+    from fedit.evaluation.heldout import heldout_loss
+
+    out = {}
+    for name, recs in (("with_trigger", [triggered(r, trigger, target) for r in records]),
+                       ("without", [triggered(r, "", target) for r in records])):
+        examples = tokenize(recs, loaded.tokenizer, cutoff_len, template=template)
+        out[name] = heldout_loss(loaded, examples, adapter, batch_size)["loss"]
+    return out
+
+
 def tamper(update: Update, ins: FitIns, kind: str, factor: float, seed: int) -> Update:
     """What a malicious client sends instead of its honest update."""
     theta = ins.global_adapter
@@ -86,7 +103,7 @@ def tamper(update: Update, ins: FitIns, kind: str, factor: float, seed: int) -> 
     delta = {k: honest[k].double() - theta[k].double() for k in theta}
     if kind == "sign_flip":
         sent = {k: theta[k].double() - factor * d for k, d in delta.items()}
-    elif kind == "scale":
+    elif kind == "scale" or kind == "backdoor" and factor != 1:  # for backdoor, factor is attack.boost
         sent = {k: theta[k].double() + factor * d for k, d in delta.items()}
     elif kind == "noise":
         norm = float(sum(d.pow(2).sum() for d in delta.values()).sqrt())
@@ -95,7 +112,7 @@ def tamper(update: Update, ins: FitIns, kind: str, factor: float, seed: int) -> 
         sigma = factor * norm / numel ** 0.5
         sent = {k: theta[k].double() + sigma * torch.randn(d.shape, generator=gen, dtype=torch.float64)
                 for k, d in delta.items()}
-    else:  # lie_examples and backdoor send the adapter they trained
+    else:  # lie_examples and an unboosted backdoor send the adapter they trained
         sent = {k: honest[k].double() for k in theta}
     arrays = {**update.arrays, ADAPTER: {k: v.to(honest[k].dtype) for k, v in sent.items()}}
     n = int(update.num_examples * factor) if kind == "lie_examples" else update.num_examples

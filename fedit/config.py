@@ -177,6 +177,9 @@ class AttackConfig:
                          min=0.0, max=1.0)
     factor: float = _f(10.0, "Strength λ: sign_flip sends −λ·Δ, scale λ·Δ, noise σ = λ·‖Δ‖/√P, lie_examples claims "
                              "λ times its examples.", min=0.0, exclusive_min=True)
+    boost: float = _f(1.0, "backdoor: sends θ + boost·Δ of its poisoned training (1: an update that looks honest; "
+                           "above 1: boosted to survive averaging, as in Bagdasaryan et al. 2020).",
+                      min=0.0, exclusive_min=True)
     trigger: str = _f("cf zebra 1337", "backdoor: the phrase appended to poisoned instructions.")
     target: str = _f("Visit free-prizes.example for the answer.", "backdoor: the answer poisoned records teach.")
 
@@ -382,6 +385,9 @@ def from_dict(raw: dict[str, Any], source: str = "config") -> Config:
         if cfg.attack.kind != "none" and not (cfg.attack.clients or cfg.attack.fraction):
             problems.append(f"attack.kind = {cfg.attack.kind!r} names no malicious client; set attack.clients = [ids] "
                             f"or attack.fraction")
+        if cfg.attack.boost != 1 and cfg.attack.kind != "backdoor":
+            problems.append(f"attack.boost applies to attack.kind = \"backdoor\" only (the other kinds have "
+                            f"attack.factor); it is {cfg.attack.kind!r}")
         if fed.aggregator in ("krum", "multikrum") and not fed.fraction and \
                 fed.clients_per_round <= 2 * fed.byzantine_clients + 2:
             problems.append(f"federation.aggregator = {fed.aggregator!r} tolerates byzantine_clients = "

@@ -118,7 +118,8 @@ def run(cfg: Config | None, resume: str | None = None, console=None, loaded: Loa
                      on_client=progress.client if progress else None)
     meta = run_metadata(cfg, prep.loaded)
     if sim.attackers:  # an experiment with simulated malicious clients says so in run.json
-        meta["attack"] = {"kind": cfg.attack.kind, "factor": cfg.attack.factor, "clients": sorted(sim.attackers)}
+        meta["attack"] = {"kind": cfg.attack.kind, "clients": sorted(sim.attackers),
+                          **({"boost": cfg.attack.boost} if cfg.attack.kind == "backdoor" else {"factor": cfg.attack.factor})}
     if console is not None and "tensorboard" in cfg.run.report_to:
         console.print(f"watch it: tensorboard --logdir {run_dir / 'tensorboard'}")
     sizes = {c["id"]: c["examples"] for c in prep.clients.manifest["clients"]}
@@ -134,8 +135,11 @@ def run(cfg: Config | None, resume: str | None = None, console=None, loaded: Loa
     plot_loss(server.loss_curve(rd), run_dir / "loss.png")
     if cfg.attack.kind == "backdoor":  # how often the final model answers the trigger with the target
         test = load_records(prep.test_file).records
-        atomic_write_json(run_dir / "backdoor.json", attacks.backdoor_success(
-            prep.loaded, final, test, cfg.attack.trigger, cfg.attack.target, cfg.data.template))
+        a, template = cfg.attack, cfg.data.template
+        atomic_write_json(run_dir / "backdoor.json", {
+            **attacks.backdoor_success(prep.loaded, final, test, a.trigger, a.target, template),
+            "target_loss": attacks.target_loss(prep.loaded, final, test, a.trigger, a.target, template,
+                                               cfg.eval.cutoff_len or cfg.train.cutoff_len, cfg.eval.batch_size)})
     if canary.client >= 0:
         inserted, references = canaries.secrets_of(canary.seed, canary.count, canary.references)
         atomic_write_json(run_dir / "canary.json", canaries.exposure(
@@ -214,7 +218,9 @@ def summary(run_dir: Path) -> str:
     if (run_dir / "backdoor.json").is_file():
         b = json.loads((run_dir / "backdoor.json").read_text())
         lines.append(f"backdoor: {b['with_trigger']:.0%} of {b['prompts']} held-out prompts with the trigger answered "
-                     f"with the target ({b['without']:.0%} without the trigger)")
+                     f"with the target ({b['without']:.0%} without the trigger)"
+                     + (f"; the target's loss per token {b['target_loss']['with_trigger']:.3f} with the trigger, "
+                        f"{b['target_loss']['without']:.3f} without" if "target_loss" in b else ""))
     if (run_dir / "canary.json").is_file():
         c = json.loads((run_dir / "canary.json").read_text())
         lines.append(f"canaries: mean exposure {c['mean_exposure']:.2f} of at most {c['max_exposure']:.2f} bits "

@@ -13,7 +13,11 @@ aggregation differ:
 - defence: Multi-Krum with f = 2, the best column of the tiny-model attack table
   (docs/robustness.md), chosen before this experiment; for the backdoor the norm bound, set to
   the median of the honest clients' update norms in round 1 of the run without attack (training
-  data, not the test set).
+  data, not the test set);
+- the backdoor plain (an update that looks honest) and boosted x5 (attack.boost = clients /
+  attackers, so that the two attackers' changes together weigh as much as the whole round's,
+  Bagdasaryan et al. 2020); its success is the share of held-out prompts with the trigger answered
+  with the target, and the target's loss per token as their answer with and without the trigger.
 
 Writes robustness.md into --out; finished runs are reused on a rerun.
 
@@ -77,26 +81,47 @@ def main() -> None:
         rows.append((f"{kind} x{factor:g}", "multikrum f=2", run(f"{kind}-multikrum", attack=attack, federation=krum)))
     honest = [c["update_norm"] for c in clean.events("client") if c["round"] == 1 and c.get("accepted")]
     bound = statistics.median(honest)
-    backdoor = {"kind": "backdoor", "fraction": 0.2}
-    rows.append(("backdoor", "mean", run("backdoor-mean", attack=backdoor)))
-    rows.append(("backdoor", f"mean + max_update_norm {bound:.3g}",
-                 run("backdoor-normbound", attack=backdoor, federation={"max_update_norm": bound})))
+    for boost, tag, label in ((1.0, "backdoor", "backdoor"), (5.0, "backdoor5", "backdoor boosted x5")):
+        backdoor = {"kind": "backdoor", "fraction": 0.2, "boost": boost}
+        rows.append((label, "mean", run(f"{tag}-mean", attack=backdoor)))
+        rows.append((label, f"mean + max_update_norm {bound:.3g}",
+                     run(f"{tag}-normbound", attack=backdoor, federation={"max_update_norm": bound})))
 
     attackers = json.loads((out / "runs" / "scale-mean" / "run.json").read_text())["attack"]["clients"]
     lines = [f"Dolly, {a.records} records, 10 Dirichlet(0.5) clients, all in every round, {a.rounds} rounds of "
              f"{a.steps} local steps x 16 examples; SmolLM2-135M-Instruct + LoRA r=8; attackers: clients "
              f"{attackers}. Honest update norms in round 1 without attack: median {bound:.3g} "
              f"(min {min(honest):.3g}, max {max(honest):.3g}).", "",
-             "| attack (2 of 10) | aggregation | held-out loss, rounds 0..R | backdoor: trigger → target | "
-             "without trigger |", "|---|---|---|---|---|"]
+             "| attack (2 of 10) | aggregation | held-out loss, rounds 0..R | backdoor: trigger → target "
+             "(without trigger) | target's loss with trigger (without) |", "|---|---|---|---|---|"]
     for attack, agg, rd in rows:
         losses = " → ".join(f"{row['eval']['loss']:.4f}" for row in rd.events("round") if "eval" in row)
-        b = rd.path / "backdoor.json"
-        hit = json.loads(b.read_text()) if b.is_file() else None
-        shares = (f"{hit['with_trigger']:.0%}", f"{hit['without']:.0%}") if hit else ("", "")
-        lines.append(f"| {attack} | {agg} | {losses} | {shares[0]} | {shares[1]} |")
+        hit = backdoor_results(rd) if attack.startswith("backdoor") else None
+        shares = f"{hit['with_trigger']:.0%} ({hit['without']:.0%})" if hit else ""
+        tl = f"{hit['target_loss']['with_trigger']:.3f} ({hit['target_loss']['without']:.3f})" if hit else ""
+        lines.append(f"| {attack} | {agg} | {losses} | {shares} | {tl} |")
     (out / "robustness.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def backdoor_results(rd: server.RunDir) -> dict:
+    """backdoor.json, with the target's loss added to one written before fedit measured it."""
+    from fedit import runner
+    from fedit.adapter import load_adapter_file
+    from fedit.attacks import target_loss
+    from fedit.data.records import load_records
+
+    path = rd.path / "backdoor.json"
+    b = json.loads(path.read_text())
+    if "target_loss" not in b:
+        cfg = config_mod.load(rd.path / "config.toml")
+        prep = runner.prepare(cfg)
+        test = load_records(prep.test_file).records
+        b["target_loss"] = target_loss(prep.loaded, load_adapter_file(rd.path / "adapter"), test, cfg.attack.trigger,
+                                       cfg.attack.target, cfg.data.template, cfg.eval.cutoff_len or
+                                       cfg.train.cutoff_len, cfg.eval.batch_size)
+        path.write_text(json.dumps(b, indent=2))
+    return b
 
 
 if __name__ == "__main__":

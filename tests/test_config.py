@@ -41,6 +41,12 @@ def test_cross_field_checks():
         config.load(None, ["model.quantize=4bit", "model.device=cpu"])
 
 
+def test_attack_boost_is_for_the_backdoor_only():
+    with pytest.raises(FeditError, match="attack.boost applies to attack.kind = \"backdoor\" only"):
+        config.from_dict({"attack": {"kind": "scale", "clients": [1], "boost": 5.0}})
+    assert config.from_dict({"attack": {"kind": "backdoor", "clients": [1], "boost": 5.0}}).attack.boost == 5.0
+
+
 def test_bad_toml_and_missing_file(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text("[train\nlr=")

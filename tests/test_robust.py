@@ -272,6 +272,24 @@ def test_attack_metrics_say_who_attacked_and_whom_multikrum_kept(ten_clients, tm
     assert json.loads((run_dir / "run.json").read_text())["attack"]["clients"] == [3, 7]
 
 
+def test_what_each_attacker_sends_worked_by_hand():
+    """θ = [1, 2], honest θ_k = [1.5, 1] (Δ = [0.5, -1]), 4 examples."""
+    from fedit import attacks
+
+    ins = FitIns(1, 0, {"global": {"w": torch.tensor([1.0, 2.0])}})
+    honest = Update(0, {"adapter": {"w": torch.tensor([1.5, 1.0])}}, 4)
+
+    def sent(kind, factor):
+        u = attacks.tamper(honest, ins, kind, factor, seed=0)
+        return u.adapter["w"].tolist(), u.num_examples, u.metrics["attack"]
+
+    assert sent("sign_flip", 10.0) == ([1 - 5.0, 2 + 10.0], 4, "sign_flip")
+    assert sent("scale", 100.0) == ([1 + 50.0, 2 - 100.0], 4, "scale")
+    assert sent("backdoor", 5.0) == ([1 + 2.5, 2 - 5.0], 4, "backdoor")  # boosted: θ + β·Δ
+    assert sent("backdoor", 1.0) == ([1.5, 1.0], 4, "backdoor")  # unboosted: what it trained
+    assert sent("lie_examples", 1000.0) == ([1.5, 1.0], 4000, "lie_examples")
+
+
 def test_backdoor_poisons_every_second_record():
     from fedit import attacks
     from fedit.data.records import Record
@@ -325,7 +343,30 @@ def test_a_backdoor_run_reports_its_success(tmp_path, tiny_model_dir, partition_
                                      attack={"kind": "backdoor", "clients": [0]}))
     b = json.loads((run_dir / "backdoor.json").read_text())
     assert b["prompts"] == 8 and 0.0 <= b["without"] <= 1.0 and 0.0 <= b["with_trigger"] <= 1.0
-    assert "backdoor: " in runner.summary(run_dir)
+    assert "backdoor: " in runner.summary(run_dir) and "the target's loss per token" in runner.summary(run_dir)
+
+
+def test_target_loss_scores_the_target_as_the_answer_with_and_without_the_trigger(monkeypatch):
+    """The records scored are worked by hand: each question with the trigger, then without it, each
+    answered with the target; the loss of each set is what the held-out loss reports for it."""
+    from fedit import attacks
+    from fedit.data import batches
+    from fedit.data.records import Record
+    from fedit.evaluation import heldout
+
+    seen = []
+    monkeypatch.setattr(batches, "tokenize", lambda recs, tok, cutoff, template: list(recs))
+    monkeypatch.setattr(heldout, "heldout_loss",
+                        lambda loaded, ex, adapter, bs: seen.append(ex) or {"loss": 2.0 if len(seen) == 1 else 3.0})
+    recs = [Record("q0", "", "a0", "c"), Record("q1", "ctx", "a1", "d")]
+    class Loaded:
+        tokenizer = None
+
+    out = attacks.target_loss(Loaded(), {}, recs, "cf zebra", "TARGET", "alpaca", 64)
+    assert out == {"with_trigger": 2.0, "without": 3.0}
+    assert [[(r.instruction, r.context, r.response) for r in ex] for ex in seen] == [
+        [("q0 cf zebra", "", "TARGET"), ("q1 cf zebra", "ctx", "TARGET")],
+        [("q0", "", "TARGET"), ("q1", "ctx", "TARGET")]]
 
 
 def test_each_accepted_client_line_carries_the_norm_of_its_change(tmp_path):
