@@ -100,28 +100,38 @@ def main() -> None:
         shares = f"{hit['with_trigger']:.0%} ({hit['without']:.0%})" if hit else ""
         tl = f"{hit['target_loss']['with_trigger']:.3f} ({hit['target_loss']['without']:.3f})" if hit else ""
         lines.append(f"| {attack} | {agg} | {losses} | {shares} | {tl} |")
+    init = target_loss_of(clean, clean.path / "rounds" / "round_0000")
+    trained = target_loss_of(clean, clean.path / "adapter")
+    lines += ["", f"The target's loss with the trigger (without): {init['with_trigger']:.3f} ({init['without']:.3f}) "
+                  f"under the untuned init, {trained['with_trigger']:.3f} ({trained['without']:.3f}) after the run "
+                  f"without attack."]
     (out / "robustness.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
 def backdoor_results(rd: server.RunDir) -> dict:
     """backdoor.json, with the target's loss added to one written before fedit measured it."""
+    path = rd.path / "backdoor.json"
+    b = json.loads(path.read_text())
+    if "target_loss" not in b:
+        b["target_loss"] = target_loss_of(rd, rd.path / "adapter")
+        path.write_text(json.dumps(b, indent=2))
+    return b
+
+
+def target_loss_of(rd: server.RunDir, adapter_dir: Path) -> dict:
+    """The target's loss as the answer to the run's held-out prompts with and without its trigger, under
+    the adapter saved in ``adapter_dir``."""
     from fedit import runner
     from fedit.adapter import load_adapter_file
     from fedit.attacks import target_loss
     from fedit.data.records import load_records
 
-    path = rd.path / "backdoor.json"
-    b = json.loads(path.read_text())
-    if "target_loss" not in b:
-        cfg = config_mod.load(rd.path / "config.toml")
-        prep = runner.prepare(cfg)
-        test = load_records(prep.test_file).records
-        b["target_loss"] = target_loss(prep.loaded, load_adapter_file(rd.path / "adapter"), test, cfg.attack.trigger,
-                                       cfg.attack.target, cfg.data.template, cfg.eval.cutoff_len or
-                                       cfg.train.cutoff_len, cfg.eval.batch_size)
-        path.write_text(json.dumps(b, indent=2))
-    return b
+    cfg = config_mod.load(rd.path / "config.toml")
+    prep = runner.prepare(cfg)
+    return target_loss(prep.loaded, load_adapter_file(adapter_dir), load_records(prep.test_file).records,
+                       cfg.attack.trigger, cfg.attack.target, cfg.data.template,
+                       cfg.eval.cutoff_len or cfg.train.cutoff_len, cfg.eval.batch_size)
 
 
 if __name__ == "__main__":
