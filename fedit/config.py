@@ -183,6 +183,11 @@ class AttackConfig:
     trigger: str = _f("cf zebra 1337", "backdoor: the phrase appended to poisoned instructions.")
     target: str = _f("Visit free-prizes.example for the answer.", "backdoor: the answer poisoned records teach.")
 
+    @property
+    def strength(self) -> float:
+        """λ of fedit/attacks.py: attack.boost for a backdoor, attack.factor for every other kind."""
+        return self.boost if self.kind == "backdoor" else self.factor
+
 
 @dataclass(frozen=True)
 class CanaryConfig:

@@ -118,8 +118,9 @@ def run(cfg: Config | None, resume: str | None = None, console=None, loaded: Loa
                      on_client=progress.client if progress else None)
     meta = run_metadata(cfg, prep.loaded)
     if sim.attackers:  # an experiment with simulated malicious clients says so in run.json
-        meta["attack"] = {"kind": cfg.attack.kind, "clients": sorted(sim.attackers),
-                          **({"boost": cfg.attack.boost} if cfg.attack.kind == "backdoor" else {"factor": cfg.attack.factor})}
+        a = cfg.attack
+        meta["attack"] = {"kind": a.kind, "clients": sorted(sim.attackers),
+                          "boost" if a.kind == "backdoor" else "factor": a.strength}
     if console is not None and "tensorboard" in cfg.run.report_to:
         console.print(f"watch it: tensorboard --logdir {run_dir / 'tensorboard'}")
     sizes = {c["id"]: c["examples"] for c in prep.clients.manifest["clients"]}

@@ -94,8 +94,7 @@ class Simulation:
             update, new_state = client.train(self.loaded, ins, self.clients.examples(cid, poisoned), self.cfg.train,
                                              seed, self.algorithm, state, on_step)
             if attack:  # after honest training: the server sees what a real malicious client could send
-                update = attacks.tamper(update, ins, attack.kind,
-                                       attack.boost if attack.kind == "backdoor" else attack.factor, seed)
+                update = attacks.tamper(update, ins, attack.kind, attack.strength, seed)
             if new_state is not None:
                 if self.states is None:
                     raise FeditError(f"strategy {self.cfg.federation.strategy} keeps client state, but this "
