@@ -106,6 +106,9 @@ class ClientDP:
         self.clip = p.clipping_norm
         self.rounds_done = 0
         self.last_report: dict = {}  # the last round's figures, for its metrics line
+        # Tensors no client trains, public and fixed (A under lora.freeze_a, from the seeded init): their
+        # change is zero and releasing them costs no privacy, so they get no noise and stay bit for bit.
+        self.fixed = lambda key: False
         self.generator = torch.Generator().manual_seed(secrets.randbits(63))
 
     def epsilon(self, rounds: int | None = None) -> float:
@@ -174,8 +177,8 @@ class NoisedMean:
         result, even from no update (an empty Poisson sample): the noise is what the round releases."""
         dp, c = self.dp, self.dp.clip
         std = dp.z_delta * c
-        out = {k: (v + torch.randn(v.shape, generator=dp.generator, dtype=torch.float64) * std) / dp.m
-               for k, v in self.sum.items()}
+        out = {k: (v if dp.fixed(k) else v + torch.randn(v.shape, generator=dp.generator, dtype=torch.float64) * std)
+               / dp.m for k, v in self.sum.items()}
         self.report = {"clipping_norm": c, "noise_std": std / dp.m}
         if dp.p.adaptive:
             b = (self.unclipped + float(torch.randn((), generator=dp.generator, dtype=torch.float64)) * dp.sigma_b) / dp.m

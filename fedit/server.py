@@ -158,6 +158,8 @@ def run(cfg: Config, runtime: Runtime, run_dir: str | Path, *, client_ids: list[
         from fedit.privacy import ClientDP
 
         dp = strategy.privacy = ClientDP(cfg.privacy, k, len(client_ids), fed.rounds)
+        if cfg.lora.freeze_a:
+            dp.fixed = hetero.is_a
         meta = {**(meta or {}), "privacy": {"noise_multiplier": dp.z, "update_noise_multiplier": dp.z_delta,
                                             "expected_clients": dp.m, "sampling_rate": dp.q}}
 

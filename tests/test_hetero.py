@@ -9,7 +9,6 @@ import torch
 
 from fedit import config, hetero, runner, server
 from fedit.errors import FeditError
-from fedit.lowrank import dense_product
 from fedit.adapter import load_adapter_file
 from fedit.protocol import FitIns, Update
 
@@ -44,14 +43,17 @@ def test_product_mean_of_mixed_ranks_equals_the_dense_mean_of_products():
     plan = hetero.LoraPlan(cfg, hetero.client_loras(cfg, [0, 1, 2], {"q_proj"}))
     gen = torch.Generator().manual_seed(0)
     ranks, counts = [2, 4, 8], [10, 30, 60]
-    ups = [Update(c, {"adapter": {A: torch.randn(r, 12, generator=gen), B: torch.randn(20, r, generator=gen)}}, n)
-           for c, (r, n) in enumerate(zip(ranks, counts))]
-    g = {A: torch.zeros(16, 12), B: torch.zeros(20, 16)}
+    d, n = 40, 30  # the stacked rank 2 + 4 + 8 = 14 < min(d, n): the QR route, no d × n matrix
+    ups = [Update(c, {"adapter": {A: torch.randn(r, n, generator=gen), B: torch.randn(d, r, generator=gen)}}, k)
+           for c, (r, k) in enumerate(zip(ranks, counts))]
+    g = {A: torch.zeros(16, n), B: torch.zeros(d, 16)}
     new, used = plan.product_mean(g, ups)
-    # Σ p_k s_k B_k A_k with p = n / 100 and s_k = 16 / r_k, worked out densely
-    dense = dense_product([u.adapter[B] for u in ups], [u.adapter[A] for u in ups],
-                          [n / 100 * 16 / r for n, r in zip(counts, ranks)])
-    assert used == 3 and torch.allclose((16 / 16) * new[B].double() @ new[A].double(), dense, atol=1e-4)
+    # Σ p_k s_k B_k A_k with p = n_k / 100 and s_k = alpha / r_k = 16 / r_k, term by term
+    dense = (0.1 * 8 * ups[0].adapter[B].double() @ ups[0].adapter[A].double()
+             + 0.3 * 4 * ups[1].adapter[B].double() @ ups[1].adapter[A].double()
+             + 0.6 * 2 * ups[2].adapter[B].double() @ ups[2].adapter[A].double())
+    # the global (rank 16 ≥ 14, scaling 16 / 16) holds the sum itself
+    assert used == 3 and torch.allclose(new[B].double() @ new[A].double(), dense, atol=1e-4)
     # a rank-2 client then gets the best rank-2 approximation of it, at its own scaling 16 / 2
     ins = plan.down(FitIns(2, 0, {"global": new}))
     u, s, vh = torch.linalg.svd(dense)
@@ -119,6 +121,19 @@ def test_freeze_a_keeps_a_and_averages_products_exactly(tmp_path, tiny_model_dir
         b = a.replace(".lora_A.", ".lora_B.")
         mean = sum(n * (u.adapter[b].double() @ g[a].double()) for u, n in zip(ups, [3, 5])) / 8
         assert torch.allclose(new[b].double() @ g[a].double(), mean, atol=1e-6)
+
+
+def test_freeze_a_with_mixed_ranks_and_privacy_keeps_a_bit_for_bit(tmp_path, tiny_model_dir, partition_dir):
+    """A is public (the seeded init) and never trained: the DP mechanism adds its noise to B only."""
+    cfg = tiny_config(tiny_model_dir, partition_dir, tmp_path / "ffa-dp", federation={"rounds": 2},
+                      lora={"freeze_a": True, "client_ranks": [2, 4]},
+                      privacy={"enabled": True, "clipping_norm": 0.05, "noise_multiplier": 1.0})
+    runner.run(cfg)
+    r0, r2 = (load_adapter_file(tmp_path / "ffa-dp" / "rounds" / f"round_{r:04d}") for r in (0, 2))
+    assert all(torch.equal(r2[k], r0[k]) for k in r0 if ".lora_A." in k)
+    # B carries the noise: N(0, (z·C / m)²) per entry, std 1.0 · 0.05 / 2 per round, on every entry
+    b = torch.cat([(r2[k] - r0[k]).flatten() for k in r0 if ".lora_B." in k])
+    assert (b != 0).all() and 0.5 * 0.025 * 2 ** 0.5 < b.std() < 2 * 0.025 * 2 ** 0.5
 
 
 def test_product_mode_trains_from_a_zero_global_product(tmp_path, tiny_model_dir, partition_dir):
