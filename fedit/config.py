@@ -349,11 +349,22 @@ def from_dict(raw: dict[str, Any], source: str = "config") -> Config:
             problems.append("federation.strategy = \"scaffold\" keeps full-rank control variates: it does not run "
                             "with lora.client_ranks, lora.clients_file, lora.aggregation = \"product\" or "
                             "lora.freeze_a; use another strategy")
+        bad = sorted({r for r in lo.client_ranks if not 1 <= r <= lo.r})
+        if bad:  # found here, before any model is loaded (clients_file ranks are checked with the partition)
+            problems.append(f"lora.client_ranks holds {bad}: client ranks must be between 1 and the global rank "
+                            f"lora.r = {lo.r}; lower them or raise lora.r")
+        if bool(lo.client_ranks or lo.clients_file) and fed.aggregator != "mean":
+            problems.append(f"federation.aggregator = {fed.aggregator!r} with lora.client_ranks or lora.clients_file: "
+                            f"a client's change is zero on the rows and modules it does not hold, so a median, "
+                            f"trimmed mean or Krum would keep the rows only high-rank clients hold at zero; use "
+                            f"federation.max_update_norm (it bounds each client's change) with aggregator \"mean\"")
         if lo.aggregation == "product":
-            if fed.strategy != "fedavg" or getattr(cfg.strategy, "server_learning_rate", 1.0) != 1.0:
+            lr = getattr(cfg.strategy, "server_learning_rate", 1.0)
+            if fed.strategy != "fedavg" or lr != 1.0:
                 problems.append(f"lora.aggregation = \"product\" is the mean of the clients' products B·A, not a "
                                 f"step on the factors: it runs with federation.strategy = \"fedavg\" and "
-                                f"server_learning_rate 1.0 only (got {fed.strategy})")
+                                f"server_learning_rate 1.0 only (got {fed.strategy}"
+                                + (f" with server_learning_rate {lr:g})" if fed.strategy == "fedavg" else ")"))
             if fed.aggregator != "mean" or fed.max_update_norm:
                 problems.append("lora.aggregation = \"product\" averages products: it does not combine with "
                                 "federation.aggregator or max_update_norm")

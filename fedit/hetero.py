@@ -90,15 +90,15 @@ def client_loras(cfg, client_ids: list[int], module_names: set[str]) -> dict[int
             if unknown:
                 problems.append(f"{where}: target_modules {unknown} are not adapted modules of the model "
                                 f"(it has {sorted(module_names)})")
+            unknown_keys = sorted(set(entry) - {"r", "target_modules"})
+            if unknown_keys:
+                problems.append(f"{where}: unknown setting(s) {unknown_keys}; a client takes r and target_modules")
+            if not 1 <= entry["r"] <= lora.r:
+                problems.append(f"{where} has r = {entry['r']}: client ranks must be between 1 and the global rank "
+                                f"lora.r = {lora.r}; lower it or raise lora.r")
             out[int(key)] = ClientLora(entry["r"], tuple(targets))
         for cid in client_ids:  # a client the file does not name trains at the global rank
             out.setdefault(cid, ClientLora(lora.r))
-    for cid, c in sorted(out.items()):
-        if not 1 <= c.r <= lora.r:
-            problems.append(f"client {cid} has rank {c.r}: client ranks must be between 1 and the global rank "
-                            f"lora.r = {lora.r}; lower it or raise lora.r")
-            if len(problems) > 10:
-                break
     if problems:
         raise FeditError(f"{len(problems)} problem(s) with the clients' LoRA settings:\n"
                          + "\n".join(f"  - {p}" for p in problems))

@@ -62,16 +62,24 @@ def test_product_mean_of_mixed_ranks_equals_the_dense_mean_of_products():
 
 
 def test_bad_client_lora_settings_name_the_client_and_the_fix(tmp_path):
-    with pytest.raises(FeditError, match="client 1 has rank 16: client ranks must be between 1 and the global rank"):
-        cfg = cfg_with(client_ranks=[2, 16])
-        hetero.client_loras(cfg, [0, 1], {"q_proj"})
+    # tiers are checked with the config, before any model is loaded
+    with pytest.raises(FeditError, match=r"lora.client_ranks holds \[0, 16\]: client ranks must be between 1 and the "
+                                         r"global rank lora.r = 4"):
+        cfg_with(client_ranks=[2, 16, 0, 16])
     f = tmp_path / "resources.toml"
-    f.write_text('[0]\nr = 2\ntarget_modules = ["q_proj", "nope_proj"]\n[7]\nr = 2\n[1]\nr = "two"\n')
+    f.write_text('[0]\nr = 2\ntarget_modules = ["q_proj", "nope_proj"]\n[7]\nr = 2\n[1]\nr = "two"\n'
+                 '[2]\nr = 8\ntarget_module = ["q_proj"]\n')
     with pytest.raises(FeditError) as e:
         hetero.client_loras(cfg_with(clients_file=str(f)), [0, 1, 2], {"q_proj", "v_proj"})
     msg = str(e.value)
+    assert msg.startswith("5 problem(s)")
     assert "client '0': target_modules ['nope_proj'] are not adapted modules" in msg
     assert "client '7' is not a client of the partition" in msg and "client '1' needs a whole-number r" in msg
+    assert "client '2': unknown setting(s) ['target_module']" in msg
+    assert "client '2' has r = 8: client ranks must be between 1 and the global rank lora.r = 4" in msg
+    # a robust aggregator would hold the rows only high-rank clients train at zero
+    with pytest.raises(FeditError, match="'median' with lora.client_ranks or lora.clients_file"):
+        config.load(None, ["lora.client_ranks=[2]", "federation.aggregator=median"])
     with pytest.raises(FeditError, match="\"scaffold\" keeps full-rank control variates"):
         config.load(None, ["lora.client_ranks=[2]", "federation.strategy=scaffold"])
 
