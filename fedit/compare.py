@@ -186,15 +186,12 @@ def summarise(runs: Path, strategies: list[str], configs: dict[str, Config], sca
         vs = bootstrap_gap(final["examples"], fedavg["examples"]) if fedavg and name != "fedavg" else None
         clients = server.RunDir(runs / name).events("client")
         done = [r for r in rounds if r["round"] > 0]
-        by_rank: dict[int, list[int]] = {}  # per-client bytes of each LoRA rank (clients with their own)
-        for c in clients:
-            if c.get("accepted") and "rank" in c:
-                by_rank.setdefault(c["rank"], []).append((c.get("bytes_down") or 0) + (c.get("bytes_up") or 0))
         rows[name] = {
             "strategy": configs[name].federation.strategy,
             "options": dataclasses.asdict(configs[name].strategy),
             "settings": (sets or {}).get(name, []),
-            "bytes_per_client_by_rank": {str(r): sum(b) / len(b) for r, b in sorted(by_rank.items())},
+            "bytes_per_client_by_rank": {str(r): t["bytes_down"] + t["bytes_up"]
+                                         for r, t in server.traffic_by_rank(server.RunDir(runs / name)).items()},
             "curve": [[r["round"], r["eval"]["loss"]] for r in rounds],
             "loss": final["loss"], "by_category": final["by_category"],
             "gap": gap, "gap_low": lo, "gap_high": hi,
@@ -237,7 +234,7 @@ def markdown(res: dict) -> str:
             + "".join(f"; {s}" for s in r.get("settings", []))
             + ("; MB per client and round by LoRA rank: " + ", ".join(
                 f"r={k}: {v / 2**20:.2f}" for k, v in r["bytes_per_client_by_rank"].items())
-               if r.get("bytes_per_client_by_rank") else "")
+               if len(r.get("bytes_per_client_by_rank") or {}) > 1 else "")
             for n, r in res["strategies"].items()]
     return "\n".join([
         f"# Federated algorithms compared ({res['scale']} scale)", "",

@@ -250,7 +250,7 @@ def run(cfg: Config, runtime: Runtime, run_dir: str | Path, *, client_ids: list[
                         problem = check_update(u, ins.global_adapter, strategy.reply_groups,
                                                max_examples=example_cap(u.client_id), max_value=fed.max_value)
                     extra = {"rank": plan.profile(u.client_id).r, "trainable_params": sum(
-                        v.numel() for v in ins.global_adapter.values())} if plan.clients and ins else {}
+                        v.numel() for v in ins.global_adapter.values())} if ins else {}
                     if problem is None:  # ‖θ_k − θ‖ before any bound: what max_update_norm and privacy.clipping_norm act on
                         extra["update_norm"] = update_norm(u.adapter, ins.global_adapter)
                     log_client(client=u.client_id, num_examples=u.num_examples, accepted=problem is None, reason=problem,
@@ -354,3 +354,13 @@ def _finish_round(rd: RunDir, r: int, adapter: Adapter, row: dict, save_adapter,
 def loss_curve(rd: RunDir) -> list[tuple[int, dict]]:
     """(round, eval) of every evaluated round, for plots and summaries."""
     return [(row["round"], row["eval"]) for row in rd.events("round") if "eval" in row and not math.isnan(row["eval"]["loss"])]
+
+
+def traffic_by_rank(rd: RunDir) -> dict[int, dict]:
+    """Per LoRA rank: how many accepted client updates, and the mean bytes each got and sent."""
+    tiers: dict[int, list[tuple[int, int]]] = {}
+    for row in rd.events("client"):
+        if row.get("accepted") and "rank" in row:
+            tiers.setdefault(row["rank"], []).append((row.get("bytes_down") or 0, row.get("bytes_up") or 0))
+    return {r: {"updates": len(t), "bytes_down": sum(d for d, _ in t) / len(t), "bytes_up": sum(u for _, u in t) / len(t)}
+            for r, t in sorted(tiers.items())}

@@ -95,6 +95,10 @@ def test_equal_ranks_are_the_papers_fedavg_bit_for_bit(tmp_path, tiny_model_dir,
     tiers = _run(tmp_path, tiny_model_dir, partition_dir, "tiers", client_ranks=[4])  # every client at lora.r = 4
     assert all(torch.equal(plain[2][k], tiers[2][k]) for k in plain[2])
     assert any(not torch.equal(plain[2][k], plain[0][k]) for k in plain[0])
+    # a run of equal clients records their rank and trainable parameters too: all of the adapter
+    rows = server.RunDir(tmp_path / "plain").events("client")
+    assert rows and all(r["rank"] == 4 and r["trainable_params"] == sum(v.numel() for v in plain[0].values())
+                        for r in rows)
 
 
 def test_mixed_ranks_train_only_their_slices_and_report_bytes(tmp_path, tiny_model_dir, partition_dir):
@@ -105,6 +109,12 @@ def test_mixed_ranks_train_only_their_slices_and_report_bytes(tmp_path, tiny_mod
     # a rank-1 client moves a quarter of the factors of a rank-4 one, each way
     assert by_rank[1]["bytes_up"] * 4 == by_rank[4]["bytes_up"] and by_rank[1]["bytes_down"] * 4 == by_rank[4]["bytes_down"]
     assert by_rank[1]["trainable_params"] * 4 == by_rank[4]["trainable_params"]
+    # the summary gives each tier's traffic per client and round
+    mb = lambda n: f"{n / 2**20:.2f} MB"  # noqa: E731
+    line = next(x for x in runner.summary(tmp_path / "mixed").splitlines() if x.startswith("traffic"))
+    assert line == "traffic per client and round: " + "; ".join(
+        f"rank {r}: {mb(by_rank[r]['bytes_down'])} down, {mb(by_rank[r]['bytes_up'])} up "
+        f"({sum(x['rank'] == r for x in rows)} updates)" for r in (1, 2, 4))
     # the global adapter stays a rank-4 PEFT adapter
     assert json.loads((tmp_path / "mixed" / "adapter" / "adapter_config.json").read_text())["r"] == 4
 
