@@ -113,6 +113,7 @@ class LoraPlan:
         self.mode, self.freeze_a = cfg.lora.aggregation, cfg.lora.freeze_a
         self.clients = clients or {}
         self.init = initial_adapter or {}  # the seeded LoRA init: spare rank starts from it (product)
+        self._svds: tuple = (None, {})  # (round, global adapter) -> each module's SVD of its product
 
     @property
     def active(self) -> bool:
@@ -134,20 +135,25 @@ class LoraPlan:
         g = ins.global_adapter
         sliced = {}
         if self.mode == "product":
-            sliced = self._product_truncation(g, c)
+            sliced = self._product_truncation(ins.round, g, c)
         else:
             for k in self.keys(ins.client_id, g):  # B · s_R / s_k = B · r / R: the same product at scaling s_k
                 sliced[k] = g[k][:c.r] if is_a(k) else g[k][:, :c.r] * (c.r / self.R)
         config = {**ins.config, RANK: c.r, TARGETS: ",".join(c.targets), FREEZE_A: self.freeze_a}
         return FitIns(ins.round, ins.client_id, {**ins.arrays, GLOBAL: sliced}, config)
 
-    def _product_truncation(self, g: Arrays, c: ClientLora) -> Arrays:
+    def _product_truncation(self, round_num: int, g: Arrays, c: ClientLora) -> Arrays:
         from fedit.lowrank import product_svd, truncate
 
+        if self._svds[0] != (round_num, id(g)):  # one SVD per module and round, whatever the clients' ranks
+            self._svds = ((round_num, id(g)), {})
+        svds = self._svds[1]
         out = {}
         for a_key in [k for k in g if is_a(k) and (not c.targets or short_name(k) in c.targets)]:
             b_key = a_key.replace(".lora_A.", ".lora_B.")
-            u, s, vh = product_svd([g[b_key]], [g[a_key]], [self.alpha / self.R])
+            if a_key not in svds:
+                svds[a_key] = product_svd([g[b_key]], [g[a_key]], [self.alpha / self.R])
+            u, s, vh = svds[a_key]
             b, a = truncate(u, s, vh, c.r, self.alpha / c.r)
             # Directions the global product does not have (all of them in round 1, where B = 0) would
             # come back as a zero row of A and a zero column of B, which no gradient can move: they
@@ -155,6 +161,7 @@ class LoraPlan:
             live = int((s[:c.r] > 1e-12 * max(float(s[0]), 1e-300)).sum()) if s.numel() else 0
             if live < c.r and a_key in self.init:
                 a[live:] = self.init[a_key][live:c.r].double()
+                b[:, live:] = 0
             out[a_key], out[b_key] = a.float(), b.float()
         return out
 

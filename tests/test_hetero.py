@@ -61,6 +61,23 @@ def test_product_mean_of_mixed_ranks_equals_the_dense_mean_of_products():
     assert torch.allclose(8 * ins.global_adapter[B].double() @ ins.global_adapter[A].double(), best2, atol=1e-4)
 
 
+def test_product_mode_starts_directions_the_global_lacks_as_lora_does():
+    """A rank-2 client of a rank-1 global product: its second direction is the seeded A row and a zero
+    B column, so its product at scaling 8 / 2 is exactly the global's at 8 / 4."""
+    cfg = cfg_with(client_ranks=[2], aggregation="product")
+    init = {A: torch.arange(1.0, 13.0).reshape(4, 3), B: torch.zeros(3, 4)}
+    plan = hetero.LoraPlan(cfg, hetero.client_loras(cfg, [0], {"q_proj"}), init)
+    g = {A: torch.zeros(4, 3), B: torch.zeros(3, 4)}
+    g[A][0] = torch.tensor([1.0, 2.0, 2.0])  # ‖row‖ = 3
+    g[B][:, 0] = torch.tensor([0.0, 4.0, 0.0])
+    got = plan.down(FitIns(1, 0, {"global": g})).global_adapter
+    assert got[A].shape == (2, 3) and got[B].shape == (3, 2)
+    assert torch.equal(got[A][1], init[A][1]) and torch.equal(got[B][:, 1], torch.zeros(3))
+    # (8/4) · 4 · 3 = 24 is the product's one singular value: 4 · b a = 2 · B A
+    assert torch.allclose(4 * got[B] @ got[A], 2 * g[B] @ g[A], atol=1e-6)
+    assert torch.allclose(got[A][0].abs(), torch.tensor([1.0, 2.0, 2.0]) / 3 * (24 / 4) ** 0.5)
+
+
 def test_bad_client_lora_settings_name_the_client_and_the_fix(tmp_path):
     # tiers are checked with the config, before any model is loaded
     with pytest.raises(FeditError, match=r"lora.client_ranks holds \[0, 16\]: client ranks must be between 1 and the "
