@@ -119,6 +119,10 @@ class LoraPlan:
     def active(self) -> bool:
         return bool(self.clients) or self.mode == "product" or self.freeze_a
 
+    def table(self) -> dict[str, dict]:
+        """Each client's rank and modules as run.json keeps them (a resume checks them against it)."""
+        return {str(cid): {"r": c.r, "target_modules": list(c.targets)} for cid, c in sorted(self.clients.items())}
+
     def profile(self, cid: int) -> ClientLora:
         return self.clients.get(cid, ClientLora(self.R))
 

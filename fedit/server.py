@@ -171,10 +171,16 @@ def run(cfg: Config, runtime: Runtime, run_dir: str | Path, *, client_ids: list[
     if resume and state is None:
         raise FeditError(f"{rd.path} has no state.json: nothing to resume; start it with `fedit run` instead")
     if state:
-        started_on = json.loads((rd.path / "run.json").read_text()).get("data_sha256")
+        started = json.loads((rd.path / "run.json").read_text())
+        started_on = started.get("data_sha256")
         if data_sha256 and started_on and data_sha256 != started_on:
             raise FeditError(f"the partition of this run changed since it started (sha256 {data_sha256[:12]} now, "
                              f"{started_on[:12]} then); resume with the partition it started with, or start a new run")
+        then = started.get("client_loras", {})
+        changed = [f"client {c}: {then.get(c)} then, {v} now" for c, v in plan.table().items() if then.get(c) != v]
+        if changed:  # lora.clients_file is read again on resume: an edited file must not silently change ranks
+            raise FeditError(f"the clients' LoRA settings changed since this run started ({'; '.join(changed[:3])}"
+                             f"{'; ...' if len(changed) > 3 else ''}); restore lora.clients_file, or start a new run")
         start = state["round"] + 1
         rd.truncate_metrics(state["metrics_offset"])
         global_adapter = load_adapter_file(rd.round_dir(state["round"]))
@@ -192,7 +198,8 @@ def run(cfg: Config, runtime: Runtime, run_dir: str | Path, *, client_ids: list[
         (rd.path / "rounds").mkdir(parents=True, exist_ok=True)
         atomic_write(rd.path / "config.toml", config_mod.to_toml(cfg))
         atomic_write_json(rd.path / "run.json", {**(meta or {}), "clients": len(client_ids), "clients_per_round": k,
-                                                 "data_sha256": data_sha256})
+                                                 "data_sha256": data_sha256,
+                                                 **({"client_loras": plan.table()} if plan.clients else {})})
         start, global_adapter, client_rounds = 1, initial_adapter, {}
 
     def saved_state() -> Adapter:  # what a resume needs besides the adapter: the strategy's and DP's state

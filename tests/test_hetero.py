@@ -178,3 +178,17 @@ def test_product_mode_trains_from_a_zero_global_product(tmp_path, tiny_model_dir
     assert any(rounds[2][k].abs().max() > 0 for k in rounds[2] if ".lora_B." in k)
     losses = [r["eval"]["loss"] for r in server.RunDir(tmp_path / "product").events("round")]
     assert losses[2] < losses[0], losses
+
+
+def test_resume_refuses_a_clients_file_edited_since_the_start(tmp_path, tiny_model_dir, partition_dir):
+    f = tmp_path / "resources.toml"
+    f.write_text("[1]\nr = 2\n")
+    cfg = tiny_config(tiny_model_dir, partition_dir, tmp_path / "sites", federation={"rounds": 1},
+                      lora={"clients_file": str(f)})
+    runner.run(cfg)
+    kept = json.loads((tmp_path / "sites" / "run.json").read_text())["client_loras"]
+    assert kept["1"] == {"r": 2, "target_modules": []} and kept["0"] == {"r": 4, "target_modules": []}
+    f.write_text("[1]\nr = 1\n")
+    with pytest.raises(FeditError, match=r"changed since this run started \(client 1: \{'r': 2, 'target_modules': "
+                                         r"\[\]\} then, \{'r': 1, 'target_modules': \[\]\} now\)"):
+        runner.run(None, resume=str(tmp_path / "sites"))
