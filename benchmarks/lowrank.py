@@ -1,7 +1,8 @@
 """Time and memory of product aggregation (lora.aggregation = "product", FlexLoRA), dense vs QR.
 
 - 100 client adapters of mixed ranks {2, 4, 8, 16} with SmolLM2-135M's module shapes (30 layers x 7
-  linear modules), aggregated by fedit's QR path into a rank-16 global adapter;
+  linear modules), aggregated as a run does (``product_svd``'s automatic route: with a stacked rank of
+  about 750 above the modules' sides, that is the dense SVD for every module) into a rank-16 adapter;
 - one 4096 x 11008 module (Llama-2-7B's MLP) at K = 5 clients of rank 16: the QR path against the
   dense route (form the d x n sum, then its SVD), each in a child process for its own peak RSS.
 """

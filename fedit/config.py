@@ -85,11 +85,12 @@ class LoraConfig:
     clients_file: str = _f("", "A TOML table from client id to its rank and, optionally, target modules: "
                                "[3] r = 4, target_modules = [\"q_proj\", \"v_proj\"]. Unnamed clients train at lora.r.")
     aggregation: str = _f("factors", "How adapters are combined: 'factors' (A and B averaged separately, the paper's; "
-                                     "unequal ranks zero-padded as in HetLoRA) or 'product' (the exact mean of the "
+                                     "a lower-rank client holds HetLoRA's first rows and columns, its change "
+                                     "zero-padded) or 'product' (the exact mean of the "
                                      "products B·A, truncated by SVD: FlexLoRA; fedavg only).",
                           choices=("factors", "product"))
     freeze_a: bool = _f(False, "FFA-LoRA: A stays at its seeded init; only B trains and travels (half the bytes), "
-                               "and averaging the factors is the exact mean of the products.")
+                               "and with equal ranks averaging the factors is the exact mean of the products.")
 
 
 @dataclass(frozen=True)
