@@ -47,7 +47,7 @@ def train(loaded: Loaded, ins: FitIns, examples: list[Example], cfg: TrainConfig
                              bool(ins.config.get(hetero.FREEZE_A)))
         ins = FitIns(ins.round, ins.client_id, {**ins.arrays, GLOBAL: full}, ins.config)
         mask = hetero.RankMask(trained, rank)
-        old_scaling = hetero.set_scaling(model, lora.lora_alpha / rank)
+        old_scaling = hetero.set_scaling(model, float(ins.config.get(hetero.SCALING, lora.lora_alpha / rank)))
     try:
         update, new_state = _train(loaded, ins, examples, cfg, seed, algorithm, state, on_step, mask)
     finally:

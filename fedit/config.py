@@ -82,8 +82,9 @@ class LoraConfig:
     client_ranks: tuple[int, ...] = _f((), "Clients with different means: client i trains at rank "
                                            "client_ranks[i mod len] (tiers), at most lora.r; see fedit/hetero.py.",
                                        items=int)
-    clients_file: str = _f("", "A TOML table from client id to its rank and, optionally, target modules: "
-                               "[3] r = 4, target_modules = [\"q_proj\", \"v_proj\"]. Unnamed clients train at lora.r.")
+    clients_file: str = _f("", "A TOML table from client id to its rank and, optionally, target modules and "
+                               "alpha: [3] r = 4, target_modules = [\"q_proj\", \"v_proj\"]. Unnamed clients train "
+                               "at lora.r.")
     aggregation: str = _f("factors", "How adapters are combined: 'factors' (A and B averaged separately, the paper's; "
                                      "a lower-rank client holds HetLoRA's first rows and columns, its change "
                                      "zero-padded) or 'product' (the exact mean of the "

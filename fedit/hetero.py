@@ -1,7 +1,8 @@
 """Clients with different means (the paper's Section 2.2): each client's LoRA rank and target modules.
 
 The global adapter has the global rank R = ``lora.r`` on every target module. Client k trains a
-rank-r_k LoRA (r_k ≤ R) on its own subset of the modules, with its own scaling s_k = alpha / r_k:
+rank-r_k LoRA (r_k ≤ R) on its own subset of the modules, with its own scaling s_k = alpha_k / r_k
+(alpha_k = lora.alpha unless lora.clients_file gives the client its own):
 
 - down: it receives, per module it targets, the first r_k rows of A and the first r_k columns of B
   (HetLoRA's placement, Cho et al. 2024), B rescaled by s_R / s_k so that s_k · B_k A_k is the
@@ -35,13 +36,14 @@ import torch
 from fedit.errors import FeditError
 from fedit.protocol import ADAPTER, GLOBAL, Arrays, FitIns, Update
 
-RANK, TARGETS, FREEZE_A = "lora_rank", "lora_targets", "lora_freeze_a"  # FitIns.config keys
+RANK, TARGETS, FREEZE_A, SCALING = "lora_rank", "lora_targets", "lora_freeze_a", "lora_scaling"  # FitIns.config keys
 
 
 @dataclass(frozen=True)
 class ClientLora:
     r: int
     targets: tuple[str, ...] = ()  # module names (the last part of a module's path); (): every module
+    alpha: float | None = None  # its own LoRA alpha; None: lora.alpha
 
 
 def module_of(key: str) -> str:
@@ -90,13 +92,18 @@ def client_loras(cfg, client_ids: list[int], module_names: set[str]) -> dict[int
             if unknown:
                 problems.append(f"{where}: target_modules {unknown} are not adapted modules of the model "
                                 f"(it has {sorted(module_names)})")
-            unknown_keys = sorted(set(entry) - {"r", "target_modules"})
+            unknown_keys = sorted(set(entry) - {"r", "target_modules", "alpha"})
             if unknown_keys:
-                problems.append(f"{where}: unknown setting(s) {unknown_keys}; a client takes r and target_modules")
+                problems.append(f"{where}: unknown setting(s) {unknown_keys}; a client takes r, target_modules "
+                                f"and alpha")
+            alpha = entry.get("alpha")
+            if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0):
+                problems.append(f"{where}: alpha must be a positive number, e.g. alpha = 16")
+                alpha = None
             if not 1 <= entry["r"] <= lora.r:
                 problems.append(f"{where} has r = {entry['r']}: client ranks must be between 1 and the global rank "
                                 f"lora.r = {lora.r}; lower it or raise lora.r")
-            out[int(key)] = ClientLora(entry["r"], tuple(targets))
+            out[int(key)] = ClientLora(entry["r"], tuple(targets), None if alpha is None else float(alpha))
         for cid in client_ids:  # a client the file does not name trains at the global rank
             out.setdefault(cid, ClientLora(lora.r))
     if problems:
@@ -121,7 +128,15 @@ class LoraPlan:
 
     def table(self) -> dict[str, dict]:
         """Each client's rank and modules as run.json keeps them (a resume checks them against it)."""
-        return {str(cid): {"r": c.r, "target_modules": list(c.targets)} for cid, c in sorted(self.clients.items())}
+        return {str(cid): {"r": c.r, "target_modules": list(c.targets), "alpha": self.alpha_of(c)}
+                for cid, c in sorted(self.clients.items())}
+
+    def alpha_of(self, c: ClientLora) -> float:
+        return float(self.alpha if c.alpha is None else c.alpha)
+
+    def scaling(self, c: ClientLora) -> float:
+        """s_k = alpha_k / r_k: the client's own LoRA scaling."""
+        return self.alpha_of(c) / c.r
 
     def profile(self, cid: int) -> ClientLora:
         return self.clients.get(cid, ClientLora(self.R))
@@ -141,9 +156,11 @@ class LoraPlan:
         if self.mode == "product":
             sliced = self._product_truncation(ins.round, g, c)
         else:
-            for k in self.keys(ins.client_id, g):  # B · s_R / s_k = B · r / R: the same product at scaling s_k
-                sliced[k] = g[k][:c.r] if is_a(k) else g[k][:, :c.r] * (c.r / self.R)
-        config = {**ins.config, RANK: c.r, TARGETS: ",".join(c.targets), FREEZE_A: self.freeze_a}
+            ratio = self.alpha / self.R / self.scaling(c)  # B · s_R / s_k: the same product at scaling s_k
+            for k in self.keys(ins.client_id, g):
+                sliced[k] = g[k][:c.r] if is_a(k) else g[k][:, :c.r] * ratio
+        config = {**ins.config, RANK: c.r, TARGETS: ",".join(c.targets), FREEZE_A: self.freeze_a,
+                  SCALING: self.scaling(c)}
         return FitIns(ins.round, ins.client_id, {**ins.arrays, GLOBAL: sliced}, config)
 
     def _product_truncation(self, round_num: int, g: Arrays, c: ClientLora) -> Arrays:
@@ -158,7 +175,7 @@ class LoraPlan:
             if a_key not in svds:
                 svds[a_key] = product_svd([g[b_key]], [g[a_key]], [self.alpha / self.R])
             u, s, vh = svds[a_key]
-            b, a = truncate(u, s, vh, c.r, self.alpha / c.r)
+            b, a = truncate(u, s, vh, c.r, self.scaling(c))
             # Directions the global product does not have (all of them in round 1, where B = 0) would
             # come back as a zero row of A and a zero column of B, which no gradient can move: they
             # start as LoRA starts, A from the seeded init, B zero. The product is unchanged.
@@ -174,12 +191,13 @@ class LoraPlan:
     def up(self, update: Update, global_adapter: Arrays) -> Update:
         """factors / freeze_a: the client's slices put back into a full-rank adapter."""
         c = self.profile(update.client_id)
+        ratio = self.scaling(c) / (self.alpha / self.R)  # B · s_k / s_R
         full = {k: v.clone() for k, v in global_adapter.items()}
         for k, v in update.adapter.items():
             if is_a(k):
                 full[k][:c.r] = v
             else:
-                full[k][:, :c.r] = v * (self.R / c.r)
+                full[k][:, :c.r] = v * ratio
         return Update(update.client_id, {**update.arrays, ADAPTER: full}, update.num_examples, update.metrics)
 
     def product_mean(self, global_adapter: Arrays, updates) -> tuple[Arrays, int]:
@@ -193,7 +211,7 @@ class LoraPlan:
             c = self.profile(u.client_id)
             for k, a in u.adapter.items():
                 if is_a(k):
-                    held.setdefault(k, []).append((u.num_examples, self.alpha / c.r, u.adapter[k.replace(".lora_A.", ".lora_B.")], a))
+                    held.setdefault(k, []).append((u.num_examples, self.scaling(c), u.adapter[k.replace(".lora_A.", ".lora_B.")], a))
             used += 1
         out = dict(global_adapter)
         for a_key, items in held.items():

@@ -176,8 +176,9 @@ def run(cfg: Config, runtime: Runtime, run_dir: str | Path, *, client_ids: list[
         if data_sha256 and started_on and data_sha256 != started_on:
             raise FeditError(f"the partition of this run changed since it started (sha256 {data_sha256[:12]} now, "
                              f"{started_on[:12]} then); resume with the partition it started with, or start a new run")
-        then = started.get("client_loras", {})
-        changed = [f"client {c}: {then.get(c)} then, {v} now" for c, v in plan.table().items() if then.get(c) != v]
+        then = started.get("client_loras")  # absent in runs of equal clients (and before fedit recorded it)
+        changed = [f"client {c}: {then.get(c)} then, {v} now" for c, v in plan.table().items()
+                   if then is not None and then.get(c) != v]
         if changed:  # lora.clients_file is read again on resume: an edited file must not silently change ranks
             raise FeditError(f"the clients' LoRA settings changed since this run started ({'; '.join(changed[:3])}"
                              f"{'; ...' if len(changed) > 3 else ''}); restore lora.clients_file, or start a new run")

@@ -38,6 +38,30 @@ def test_factors_place_a_clients_rows_and_columns_where_hetlora_does():
     assert torch.equal(back[B][:, :2], torch.full((3, 2), 2.0)) and torch.equal(back[B][:, 2:], g[B][:, 2:])
 
 
+def test_a_clients_own_alpha_sets_its_scaling_both_ways(tmp_path):
+    """Client 0: r = 2, alpha = 2, so s_0 = 1; the global: r = 4, alpha = 8, s_R = 2. It gets B · s_R / s_0 =
+    2 B and sends its B back times s_0 / s_R = 1/2; with product it is weighted by its own s_0."""
+    f = tmp_path / "resources.toml"
+    f.write_text("[0]\nr = 2\nalpha = 2\n")
+    cfg = cfg_with(clients_file=str(f))
+    plan = hetero.LoraPlan(cfg, hetero.client_loras(cfg, [0, 1], {"q_proj"}))
+    g = {A: torch.arange(12.0).reshape(4, 3), B: torch.arange(12.0).reshape(3, 4)}
+    ins = plan.down(FitIns(1, 0, {"global": g}))
+    assert torch.equal(ins.global_adapter[B], g[B][:, :2] * 2) and ins.config["lora_scaling"] == 1.0
+    assert plan.down(FitIns(1, 1, {"global": g})).config["lora_scaling"] == 2.0  # client 1: lora.r, lora.alpha
+    back = plan.up(Update(0, {"adapter": {A: torch.ones(2, 3), B: torch.ones(3, 2)}}, 5), g).adapter
+    assert torch.equal(back[B][:, :2], torch.full((3, 2), 0.5))
+    pcfg = cfg_with(clients_file=str(f), aggregation="product")
+    pplan = hetero.LoraPlan(pcfg, hetero.client_loras(pcfg, [0, 1], {"q_proj"}))
+    b0, a0 = torch.tensor([[1.0, 0.0], [0.0, 0.0], [0.0, 0.0]]), torch.tensor([[0.0, 3.0, 0.0], [0.0, 0.0, 0.0]])
+    new, _ = pplan.product_mean({A: torch.zeros(4, 3), B: torch.zeros(3, 4)}, [Update(0, {"adapter": {A: a0, B: b0}}, 1)])
+    # one client, p = 1: ΔW = s_0 · B_0 A_0 = 1 · 3 at (0, 1), held by the global at s_R = 2
+    assert torch.allclose(2 * new[B] @ new[A], torch.tensor([[0.0, 3.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]))
+    f.write_text("[0]\nr = 2\nalpha = -1\n")
+    with pytest.raises(FeditError, match="client '0': alpha must be a positive number"):
+        hetero.client_loras(cfg_with(clients_file=str(f)), [0, 1], {"q_proj"})
+
+
 def test_product_mean_of_mixed_ranks_equals_the_dense_mean_of_products():
     cfg = cfg_with(r=16, alpha=16, client_ranks=[2, 4, 8], aggregation="product")
     plan = hetero.LoraPlan(cfg, hetero.client_loras(cfg, [0, 1, 2], {"q_proj"}))
@@ -92,7 +116,7 @@ def test_bad_client_lora_settings_name_the_client_and_the_fix(tmp_path):
     assert msg.startswith("5 problem(s)")
     assert "client '0': target_modules ['nope_proj'] are not adapted modules" in msg
     assert "client '7' is not a client of the partition" in msg and "client '1' needs a whole-number r" in msg
-    assert "client '2': unknown setting(s) ['target_module']" in msg
+    assert "client '2': unknown setting(s) ['target_module']; a client takes r, target_modules and alpha" in msg
     assert "client '2' has r = 8: client ranks must be between 1 and the global rank lora.r = 4" in msg
     # a robust aggregator would hold the rows only high-rank clients train at zero
     with pytest.raises(FeditError, match="'median' with lora.client_ranks or lora.clients_file"):
@@ -187,8 +211,8 @@ def test_resume_refuses_a_clients_file_edited_since_the_start(tmp_path, tiny_mod
                       lora={"clients_file": str(f)})
     runner.run(cfg)
     kept = json.loads((tmp_path / "sites" / "run.json").read_text())["client_loras"]
-    assert kept["1"] == {"r": 2, "target_modules": []} and kept["0"] == {"r": 4, "target_modules": []}
+    assert kept["1"] == {"r": 2, "target_modules": [], "alpha": 8.0} and kept["0"]["r"] == 4
     f.write_text("[1]\nr = 1\n")
     with pytest.raises(FeditError, match=r"changed since this run started \(client 1: \{'r': 2, 'target_modules': "
-                                         r"\[\]\} then, \{'r': 1, 'target_modules': \[\]\} now\)"):
+                                         r"\[\], 'alpha': 8.0\} then, \{'r': 1, 'target_modules': \[\], 'alpha': 8.0\} now\)"):
         runner.run(None, resume=str(tmp_path / "sites"))
