@@ -207,7 +207,9 @@ class LoraPlan:
 
         held: dict[str, list] = {}
         used = 0
-        for u in updates:
+        # in client order, not arrival order: the stacked factors' order fixes the SVD's signs, so a
+        # Flower round gives the factors (not only the products) of the same round in-process
+        for u in sorted(updates, key=lambda u: u.client_id):
             c = self.profile(u.client_id)
             for k, a in u.adapter.items():
                 if is_a(k):

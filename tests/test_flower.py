@@ -416,17 +416,24 @@ def test_unregistered_supernode_is_refused(deployment):
     assert d.online() == set(d.node_ids.values())
 
 
-@pytest.mark.parametrize("strategy", ["fedavg", "fedprox", "fedadam", "scaffold", "mixed ranks"])
+HETERO = {"mixed ranks": {"client_ranks": [2, 4]},
+          "mixed-rank product": {"client_ranks": [2, 4], "aggregation": "product"},
+          "mixed-rank freeze_a": {"client_ranks": [2, 4], "freeze_a": True}}
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "fedprox", "fedadam", "scaffold", *HETERO])
 def test_deployment_matches_in_process_simulation(deployment, tmp_path, tiny_model_dir, strategy):
     """The same adapters as in-process, for FedAvg and for what other algorithms add to a round:
     FedProx's proximal term, FedAdam's server moments, SCAFFOLD's control variates (the server's
     c sent down, each client's c_k kept on its SuperNode, Δc_k sent up), and SuperNodes that train
-    at different LoRA ranks (clients 0 and 2 at rank 2, client 1 at the global rank 4)."""
+    at different LoRA ranks (clients 0 and 2 at rank 2, client 1 at the global rank 4), with each
+    aggregation (product: each SuperNode starts from its own truncation; freeze_a: each rebuilds A
+    from the seeded init on its own machine)."""
     d = deployment
     sections = {"federation": {"rounds": 2, "clients_per_round": 2,
-                               "strategy": "fedavg" if strategy == "mixed ranks" else strategy},
+                               "strategy": "fedavg" if strategy in HETERO else strategy},
                 "strategy": {"proximal_mu": 1.0} if strategy == "fedprox" else {},
-                "lora": {"client_ranks": [2, 4]} if strategy == "mixed ranks" else {}}
+                "lora": HETERO.get(strategy, {})}
     runner.run(tiny_config(tiny_model_dir, d.parts, tmp_path / "sim", **sections))
     run_id, status, lines = _launch(d, tiny_config(tiny_model_dir, d.parts, tmp_path / "flower", **sections))
     assert status == "finished:completed", "\n".join(lines)
@@ -448,7 +455,10 @@ def test_deployment_matches_in_process_simulation(deployment, tmp_path, tiny_mod
     # each train reply reports what loading the base model cost in that fresh ClientApp process
     assert all(c["metrics"]["load_seconds"] > 0 for c in dep.events("client"))
     # bytes per client: the adapter each way, SCAFFOLD's control variates beside it, half at rank 2 of 4
-    adapter_bytes = sum(v.numel() * 4 for v in a.values())
+    adapter_bytes = sum(v.numel() * 4 for k, v in a.items() if not (strategy.endswith("freeze_a") and ".lora_A." in k))
+    if strategy.endswith("freeze_a"):
+        assert all(torch.equal(load_adapter_file(dep.round_dir(2))[k], load_adapter_file(dep.round_dir(0))[k])
+                   for k in a if ".lora_A." in k)
     for c in dep.events("client"):
         share = {"scaffold": 2}.get(strategy, 1) * (c.get("rank", 4) / 4)
         assert c["bytes_down"] == c["bytes_up"] == adapter_bytes * share, c
