@@ -216,3 +216,22 @@ def test_resume_refuses_a_clients_file_edited_since_the_start(tmp_path, tiny_mod
     with pytest.raises(FeditError, match=r"changed since this run started \(client 1: \{'r': 2, 'target_modules': "
                                          r"\[\], 'alpha': 8.0\} then, \{'r': 1, 'target_modules': \[\], 'alpha': 8.0\} now\)"):
         runner.run(None, resume=str(tmp_path / "sites"))
+
+
+def test_clients_targeting_some_modules_move_only_those(tmp_path, tiny_model_dir, partition_dir):
+    """Every client adapts q_proj only (client 1 at rank 2): the other modules stay at their init bit for
+    bit, every q_proj moves, and each client sends only q_proj's factors at its own rank."""
+    f = tmp_path / "resources.toml"
+    f.write_text('[0]\nr = 4\ntarget_modules = ["q_proj"]\n[1]\nr = 2\ntarget_modules = ["q_proj"]\n'
+                 '[2]\nr = 4\ntarget_modules = ["q_proj"]\n')
+    cfg = tiny_config(tiny_model_dir, partition_dir, tmp_path / "q", federation={"rounds": 1, "clients_per_round": 3},
+                      lora={"clients_file": str(f)})
+    runner.run(cfg)
+    r0, r1 = (load_adapter_file(tmp_path / "q" / "rounds" / f"round_{r:04d}") for r in (0, 1))
+    q = [k for k in r0 if ".q_proj." in k]
+    assert q and all(torch.equal(r1[k], r0[k]) for k in r0 if k not in q)
+    assert all(not torch.equal(r1[k], r0[k]) for k in q if ".lora_B." in k)
+    q_params = sum(r0[k].numel() for k in q)  # A is 4 × n and B d × 4 per layer: rank 2 holds half of each
+    rows = {r["client"]: r for r in server.RunDir(tmp_path / "q").events("client")}
+    assert rows[0]["trainable_params"] == rows[2]["trainable_params"] == q_params == 2 * rows[1]["trainable_params"]
+    assert rows[0]["bytes_up"] == 4 * q_params
