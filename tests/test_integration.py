@@ -128,15 +128,16 @@ def test_kill_9_then_resume_cli(tmp_path, tiny_model_dir, partition_dir, strateg
     assert ref.returncode == 0, ref.stderr
     proc = subprocess.Popen(cmd + args + [f"run.out={tmp_path / 'cut'}"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    state = tmp_path / "cut" / "state.json"
+    state, metrics = tmp_path / "cut" / "state.json", tmp_path / "cut" / "metrics.jsonl"
     deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if state.exists() and json.loads(state.read_text())["round"] >= 1:
+    while time.time() < deadline and proc.poll() is None:  # kill once a client of round 2 has replied
+        if state.exists() and json.loads(state.read_text())["round"] >= 1 and '"event": "client", "round": 2' in \
+                metrics.read_text():
             break
-        time.sleep(0.05)
+        time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert json.loads(state.read_text())["round"] < 4, "the run finished before it could be killed"
+    assert json.loads(state.read_text())["round"] == 1, "killed mid-round 2: one client had replied, not both"
     res = subprocess.run(cmd + ["--resume", str(tmp_path / "cut")], env=env, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     for r in range(5):
