@@ -111,7 +111,7 @@ def describe(scale: Scale, cfg: Config) -> str:
              f"max_steps {t.max_steps or 'none'}, seed {f.seed}, model {cfg.model.name} ({cfg.model.dtype})",
              f"  answers: {'sampled' if e.do_sample else 'greedy'}, at most {e.max_new_tokens} new tokens, "
              f"template {cfg.data.template}",
-             f"  judge: " + (f"{cfg.judge.model} at {cfg.judge.url}, {cfg.judge.samples} samples x 2 orders, "
+             "  judge: " + (f"{cfg.judge.model} at {cfg.judge.url}, {cfg.judge.samples} samples x 2 orders, "
                              f"{cfg.judge.questions or 'all'} Vicuna questions (seed {cfg.judge.seed})"
                              if cfg.judge.url else "none (set judge.url and judge.model)")]
     return "\n".join(lines)

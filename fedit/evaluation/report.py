@@ -73,7 +73,7 @@ def eval_markdown(results: list[dict], title: str = "Evaluation") -> str:
         rows = []
         for cat in categories([r]) + [None]:
             n = sum(1 for a in r["answers"] if cat is None or a["category"] == cat)
-            rows.append([f"**overall**" if cat is None else cat, str(n), fmt(metric(r, "loss", cat)),
+            rows.append(["**overall**" if cat is None else cat, str(n), fmt(metric(r, "loss", cat)),
                          fmt(metric(r, "perplexity", cat), 2), fmt(metric(r, "rouge_l", cat))])
         out += [table(["category", "questions", "loss ↓", "perplexity ↓", "ROUGE-L ↑"], rows), ""]
     return "\n".join(out)

@@ -559,12 +559,10 @@ def serve(grid: Grid, rc: dict) -> Path:
 
         save_adapter(loaded.model, adapter, path)
 
-    evaluate = None
-    if prep["test"] is not None:
+    def evaluate(adapter):
         from fedit.evaluation.heldout import heldout_loss
 
-        def evaluate(adapter):
-            return heldout_loss(loaded, prep["test"], adapter, cfg.eval.batch_size, cfg.train.micro_batch_tokens)
+        return heldout_loss(loaded, prep["test"], adapter, cfg.eval.batch_size, cfg.train.micro_batch_tokens)
 
     # A client may claim no more examples than its partition holds, where the server has the manifest;
     # elsewhere federation.max_examples caps every client.
@@ -572,7 +570,7 @@ def serve(grid: Grid, rc: dict) -> Path:
         log.warning("no partition manifest and federation.max_examples = 0: a client's claimed example count "
                     "weights its update unchecked; set federation.max_examples or a robust federation.aggregator")
     server.run(cfg, FlowerRuntime(grid, cfg, nodes), run_dir, client_ids=client_ids, client_sizes=prep["sizes"],
-               initial_adapter=loaded.initial_adapter, save_adapter=save, evaluate=evaluate, resume=bool(resume),
+               initial_adapter=loaded.initial_adapter, save_adapter=save, evaluate=evaluate if prep["test"] is not None else None, resume=bool(resume),
                hooks=server.Hooks(round_end=round_end), meta=meta, data_sha256=prep["data_sha256"])
     try:
         from fedit.evaluation.plots import plot_loss
