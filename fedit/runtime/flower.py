@@ -570,7 +570,8 @@ def serve(grid: Grid, rc: dict) -> Path:
         log.warning("no partition manifest and federation.max_examples = 0: a client's claimed example count "
                     "weights its update unchecked; set federation.max_examples or a robust federation.aggregator")
     server.run(cfg, FlowerRuntime(grid, cfg, nodes), run_dir, client_ids=client_ids, client_sizes=prep["sizes"],
-               initial_adapter=loaded.initial_adapter, save_adapter=save, evaluate=evaluate if prep["test"] is not None else None, resume=bool(resume),
+               initial_adapter=loaded.initial_adapter, save_adapter=save,
+               evaluate=evaluate if prep["test"] is not None else None, resume=bool(resume),
                hooks=server.Hooks(round_end=round_end), meta=meta, data_sha256=prep["data_sha256"])
     try:
         from fedit.evaluation.plots import plot_loss
