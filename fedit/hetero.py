@@ -78,8 +78,9 @@ def client_loras(cfg, client_ids: list[int], module_names: set[str]) -> dict[int
         for key, entry in table.items():
             where = f"lora.clients_file {path}: client {key!r}"
             if not key.lstrip("-").isdigit() or int(key) not in client_ids:
-                problems.append(f"{where} is not a client of the partition (its ids are {client_ids[0]}-"
-                                f"{client_ids[-1]}); remove it or fix the id")
+                ids = (f"{client_ids[0]}-{client_ids[-1]}" if client_ids == list(range(client_ids[0], client_ids[-1] + 1))
+                       else ", ".join(map(str, client_ids[:20])) + (", ..." if len(client_ids) > 20 else ""))
+                problems.append(f"{where} is not a client of the partition (its ids are {ids}); remove it or fix the id")
                 continue
             if not isinstance(entry, dict) or not isinstance(entry.get("r"), int) or isinstance(entry.get("r"), bool):
                 problems.append(f"{where} needs a whole-number r, e.g. [{key}] r = 4")
