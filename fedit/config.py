@@ -88,7 +88,7 @@ class LoraConfig:
     aggregation: str = _f("factors", "How adapters are combined: 'factors' (A and B averaged separately, the paper's; "
                                      "a lower-rank client holds HetLoRA's first rows and columns, its change "
                                      "zero-padded) or 'product' (the exact mean of the "
-                                     "products B·A, truncated by SVD: FlexLoRA; fedavg only).",
+                                     "products B·A, truncated by SVD: FlexLoRA; fedavg or fedprox).",
                           choices=("factors", "product"))
     freeze_a: bool = _f(False, "FFA-LoRA: A stays at its seeded init; only B trains and travels (half the bytes), "
                                "and with equal ranks averaging the factors is the exact mean of the products.")
@@ -362,11 +362,12 @@ def from_dict(raw: dict[str, Any], source: str = "config") -> Config:
                             f"federation.max_update_norm (it bounds each client's change) with aggregator \"mean\"")
         if lo.aggregation == "product":
             lr = getattr(cfg.strategy, "server_learning_rate", 1.0)
-            if fed.strategy != "fedavg" or lr != 1.0:
+            if fed.strategy not in ("fedavg", "fedprox") or lr != 1.0:  # FedProx's server step is FedAvg's
                 problems.append(f"lora.aggregation = \"product\" is the mean of the clients' products B·A, not a "
-                                f"step on the factors: it runs with federation.strategy = \"fedavg\" and "
-                                f"server_learning_rate 1.0 only (got {fed.strategy}"
-                                + (f" with server_learning_rate {lr:g})" if fed.strategy == "fedavg" else ")"))
+                                f"step on the factors: it runs with federation.strategy = \"fedavg\" or "
+                                f"\"fedprox\" at server_learning_rate 1.0 only (got {fed.strategy}"
+                                + (f" with server_learning_rate {lr:g})" if fed.strategy in ("fedavg", "fedprox")
+                                   else ")"))
             if fed.aggregator != "mean" or fed.max_update_norm:
                 problems.append("lora.aggregation = \"product\" averages products: it does not combine with "
                                 "federation.aggregator or max_update_norm")

@@ -17,7 +17,7 @@ rank-r_k LoRA (r_k ≤ R) on its own subset of the modules, with its own scaling
   towards zero by the share of low-rank clients every round);
 - ``product``: the server forms ΔW = Σ p_k s_k B_k A_k per module over the clients that target it
   (weights renormalised among them) and keeps its best rank-R approximation (fedit/lowrank.py,
-  no d × n matrix); FedAvg only, since the mean of products is not a step on the factors;
+  no d × n matrix); FedAvg or FedProx only, since the mean of products is not a step on the factors;
 - ``lora.freeze_a`` (FFA-LoRA, Sun et al. ICLR 2024): A stays at its seeded init for every client and
   round; only B trains and travels. The mean of the products is then exact with any strategy.
 

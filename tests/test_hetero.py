@@ -235,3 +235,20 @@ def test_clients_targeting_some_modules_move_only_those(tmp_path, tiny_model_dir
     rows = {r["client"]: r for r in server.RunDir(tmp_path / "q").events("client")}
     assert rows[0]["trainable_params"] == rows[2]["trainable_params"] == q_params == 2 * rows[1]["trainable_params"]
     assert rows[0]["bytes_up"] == 4 * q_params
+
+
+def test_product_with_fedprox_at_mu_zero_is_product_fedavg_bit_for_bit(tmp_path, tiny_model_dir, partition_dir):
+    """FedProx's server step is FedAvg's, so it runs with product; at μ = 0 its clients are FedAvg's."""
+    runs = {}
+    for name, strategy, mu in [("avg", "fedavg", None), ("prox0", "fedprox", 0.0), ("prox", "fedprox", 1.0)]:
+        cfg = tiny_config(tiny_model_dir, partition_dir, tmp_path / name, federation={"strategy": strategy},
+                          strategy={"proximal_mu": mu} if mu is not None else {},
+                          lora={"client_ranks": [2, 4], "aggregation": "product"})
+        runner.run(cfg)
+        runs[name] = load_adapter_file(tmp_path / name / "rounds" / "round_0002")
+    assert all(torch.equal(runs["avg"][k], runs["prox0"][k]) for k in runs["avg"])
+    assert any(not torch.equal(runs["avg"][k], runs["prox"][k]) for k in runs["avg"])
+    with pytest.raises(FeditError, match=r"\(got fedadam\)"):
+        config.load(None, ["lora.aggregation=product", "federation.strategy=fedadam"])
+    with pytest.raises(FeditError, match=r"\(got fedavg with server_learning_rate 0.5\)"):
+        config.load(None, ["lora.aggregation=product", "strategy.server_learning_rate=0.5"])
