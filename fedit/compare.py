@@ -191,7 +191,7 @@ def summarise(runs: Path, strategies: list[str], configs: dict[str, Config], sca
             "options": dataclasses.asdict(configs[name].strategy),
             "settings": (sets or {}).get(name, []),
             "bytes_per_client_by_rank": {str(r): t["bytes_down"] + t["bytes_up"]
-                                         for r, t in server.traffic_by_rank(server.RunDir(runs / name)).items()},
+                                         for r, t in server.traffic_by_rank(clients).items()},
             "curve": [[r["round"], r["eval"]["loss"]] for r in rounds],
             "loss": final["loss"], "by_category": final["by_category"],
             "gap": gap, "gap_low": lo, "gap_high": hi,

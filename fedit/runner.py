@@ -209,7 +209,7 @@ def summary(run_dir: Path) -> str:
         for cat in sorted(en["by_category"]):
             before = e0["by_category"].get(cat, float("nan"))
             lines.append(f"  {cat:<24} {before:.4f} -> {en['by_category'][cat]:.4f}")
-    tiers = server.traffic_by_rank(rd)
+    tiers = server.traffic_by_rank(rd.events("client"))
     if tiers:
         lines.append("traffic per client and round: " + "; ".join(
             f"rank {r}: {t['bytes_down'] / 2**20:.2f} MB down, {t['bytes_up'] / 2**20:.2f} MB up ({t['updates']} updates)"

@@ -364,10 +364,11 @@ def loss_curve(rd: RunDir) -> list[tuple[int, dict]]:
     return [(row["round"], row["eval"]) for row in rd.events("round") if "eval" in row and not math.isnan(row["eval"]["loss"])]
 
 
-def traffic_by_rank(rd: RunDir) -> dict[int, dict]:
-    """Per LoRA rank: how many accepted client updates, and the mean bytes each got and sent."""
+def traffic_by_rank(client_rows: list[dict]) -> dict[int, dict]:
+    """Per LoRA rank: how many accepted client updates (``RunDir.events("client")``), and the mean bytes
+    each got and sent."""
     tiers: dict[int, list[tuple[int, int]]] = {}
-    for row in rd.events("client"):
+    for row in client_rows:
         if row.get("accepted") and "rank" in row:
             tiers.setdefault(row["rank"], []).append((row.get("bytes_down") or 0, row.get("bytes_up") or 0))
     return {r: {"updates": len(t), "bytes_down": sum(d for d, _ in t) / len(t), "bytes_up": sum(u for _, u in t) / len(t)}
