@@ -19,10 +19,29 @@ def _partition(args: argparse.Namespace, console) -> None:
 
     m, loaded = partition.make(args.data, args.out, clients=args.clients, scheme=args.scheme, alpha=args.alpha,
                                min_size=args.min_size, test_per_category=args.test_per_category, seed=args.seed,
-                               fields=args.fields, split_name=args.split, by=args.by, label=args.label)
+                               fields=args.fields, split_name=args.split, by=args.by, label=args.label,
+                               validation=_amount("--validation", args.validation))
     for line in partition.describe(m, loaded):
         console.print(line)
     console.print(f"wrote {args.out}/ (client_*.jsonl, test.jsonl, manifest.json, heterogeneity.png)")
+
+
+def _amount(flag: str, text: str):
+    """A fraction or count given on the command line, checked as data.client_validation is."""
+    import dataclasses
+    import tomllib
+
+    from fedit.fields import check_value
+
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text
+    fld = next(f for f in dataclasses.fields(DataConfig) if f.name == "client_validation")
+    value, problem = check_value(flag, fld, value)
+    if problem:
+        raise FeditError(problem)
+    return value
 
 
 def _run(args: argparse.Namespace, console) -> None:
@@ -82,7 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="minimum records per client (dirichlet, quantity; default min(40, train/clients/2)); "
                          "with --by, smaller clients are left out (default 1)")
     pp.add_argument("--test-per-category", type=int, default=d.test_per_category,
-                    help=f"held-out records per category (default {d.test_per_category})")
+                    help=f"held-out records per category for the server's test set (default {d.test_per_category}; 0: none)")
+    pp.add_argument("--validation", default="0", metavar="FRACTION_OR_COUNT",
+                    help="count each client's validation records as data.client_validation will hold them back "
+                         "(e.g. 0.1 or 5; default 0: none)")
     pp.add_argument("--seed", type=int, default=d.seed)
     pp.add_argument("--fields", default=d.fields, help="field mapping, e.g. instruction=prompt,response=answer")
     pp.add_argument("--split", default=d.split, help=f"split of a hub dataset (default {d.split})")

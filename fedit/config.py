@@ -41,7 +41,9 @@ class DataConfig:
                       min=0.0, exclusive_min=True)
     min_size: int = _f(0, "Partition: fewest records per client (dirichlet, quantity); 0: the paper repo's 40, "
                           "less when clients are small.", min=0)
-    test_per_category: int = _f(10, "Partition: held-out records per category (the paper's test set: 10).", min=1)
+    test_per_category: int = _f(10, "Partition: held-out records per category (the paper's test set: 10); 0: none, "
+                                    "the server holds no data and the run measures itself on data.client_validation.",
+                                min=0)
     seed: int = _f(42, "Partition: seed of the hold-out and the split.", min=0)
     by: str = _f("", "Partition: natural clients, one per value of this field of the records (e.g. 'user'); "
                      "data.clients and data.scheme are then not used, data.min_size leaves out smaller clients.")
@@ -50,7 +52,14 @@ class DataConfig:
     fields: str = _f("", "Partition: field names of your records, e.g. 'instruction=prompt,response=answer'; "
                          "empty: Dolly's and Alpaca's are recognised.")
     split: str = _f("train", "Partition: split of a hub dataset.")
-    test_file: str = _f("", "Held-out test file; default: <clients_dir>/test.jsonl.")
+    test_file: str = _f("", "Held-out test file the server scores; default: <clients_dir>/test.jsonl if it holds "
+                            "records (a run without one measures itself on data.client_validation).")
+    client_validation: float = _f(0, "Each client's own validation split, never trained on: a fraction of its "
+                                     "records (0.1; rounded up, so every client of 2 or more records spares one) or "
+                                     "a count (5); drawn with data.seed and the client id, the same in every round, "
+                                     "resume and runtime. The server's federated evaluation (eval.clients) and every "
+                                     "choice (run.keep_best, early stopping, compare --select) use it; 0: none.",
+                                  amount=True, zero=True)
     template: str = _f("alpaca", "Prompt template: 'alpaca' (the paper's) or 'chat' (the model's chat template).",
                        choices=("alpaca", "chat"))
 
@@ -136,6 +145,9 @@ class FederationConfig:
     max_examples: int = _f(0, "Deployments: a reply claiming more examples than this is rejected (in-process "
                               "runs cap each client at its own partition size times local_epochs); 0: no cap.",
                            min=0)
+    early_stop_patience: int = _f(0, "Stop after this many federated evaluations (eval.every) without a lower "
+                                     "validation loss than the best so far (needs data.client_validation); "
+                                     "resumable; 0: never.", min=0)
     round_timeout: float = _f(0.0, "Flower deployment: seconds a round waits for client replies; the clients that did "
                               "not reply by then are dropped (logged with the reason). 0 waits until every selected "
                               "client replied or Flower reported it gone.", min=0.0)
@@ -143,7 +155,14 @@ class FederationConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    every: int = _f(1, "Evaluate held-out loss every N rounds (the last round always); 0 disables.", min=0)
+    every: int = _f(1, "Evaluate every N rounds (and round 0 and the last round): the server's test loss where it "
+                       "holds a test set, the clients' validation loss where data.client_validation is set; 0 "
+                       "disables both.", min=0)
+    clients: Any = _f("all", "Federated evaluation: the clients asked to score the global adapter on their "
+                             "validation split each evaluation round: 'all', a count (10) or a fraction (0.5), drawn "
+                             "with federation.seed and the round.", amount="all")
+    test: bool = _f(True, "Score the server's held-out test set when one exists; false: the server reads no test "
+                          "data (fedit compare --select trains its candidates so).")
     batch_size: int = _f(8, "Examples per evaluation forward pass.", min=1)
     cutoff_len: int = _f(0, "Tokens per held-out example for the per-round held-out loss; 0: train.cutoff_len. "
                             "Larger than training's, it leaves long-context records response tokens to score.", min=0)
@@ -250,8 +269,21 @@ class SecAggConfig:
 
 
 @dataclass(frozen=True)
+class PersonalizeConfig:
+    steps: int = _f(10, "fedit personalize: optimizer steps of fine-tuning the final global adapter on each "
+                        "client's own training split (train.batch_size, train.lr).", min=1)
+    clients: Any = _f("all", "fedit personalize: the clients measured: 'all', a count or a fraction, drawn with "
+                             "federation.seed.", amount="all")
+    local_epochs: float = _f(1.0, "fedit personalize: passes over its own training split of the local-only "
+                                  "model, trained from the base model (the paper's Local-k: 1).", min=0.0,
+                             exclusive_min=True)
+
+
+@dataclass(frozen=True)
 class RunConfig:
     out: str = _f("runs/fedit", "Run directory: metrics, per-round adapters, resume state, plots.")
+    keep_best: bool = _f(False, "Keep <run.out>/best: the global adapter of the round with the lowest federated "
+                                "validation loss (needs data.client_validation), never chosen on the test set.")
     progress: bool = _f(True, "Show progress bars.")
     report_to: tuple[str, ...] = _f(("tensorboard",), "Where each round's figures go besides metrics.jsonl: "
                                     "'tensorboard' (event files in <run.out>/tensorboard), 'wandb' (Weights & "
@@ -273,6 +305,7 @@ class Config:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     canary: CanaryConfig = field(default_factory=CanaryConfig)
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
+    personalize: PersonalizeConfig = field(default_factory=PersonalizeConfig)
     run: RunConfig = field(default_factory=RunConfig)
     # The chosen strategy's options (its Options dataclass, every value filled in), from [strategy].
     strategy: Any = None
@@ -412,6 +445,12 @@ def from_dict(raw: dict[str, Any], source: str = "config") -> Config:
             problems.append(f"federation.aggregator = {fed.aggregator!r} tolerates byzantine_clients = "
                             f"{fed.byzantine_clients} only with clients_per_round > {2 * fed.byzantine_clients + 2} "
                             f"(Blanchard et al.); it is {fed.clients_per_round}")
+        validating = bool(cfg.data.client_validation) and cfg.eval.every > 0
+        for key, on in (("run.keep_best", cfg.run.keep_best), ("federation.early_stop_patience",
+                                                                fed.early_stop_patience)):
+            if on and not validating:  # a choice made on the server's test set would be tuning on test
+                problems.append(f"{key} chooses rounds on the clients' validation loss: set data.client_validation "
+                                f"(e.g. 0.1) and eval.every >= 1; it never chooses on the test set")
         if cfg.judge.url and not cfg.judge.model:
             problems.append("judge.url is set but judge.model is empty; set judge.model to the judge's model name")
         if cfg.model.quantize != "none" and cfg.model.device == "cpu":

@@ -21,6 +21,8 @@ def check_value(where: str, fld: dataclasses.Field, value: Any) -> tuple[Any, st
     """Coerce ``value`` to the field's type; return (value, problem or None)."""
     default = fld.default
     meta = fld.metadata
+    if meta.get("amount"):
+        return check_amount(where, value, meta)
     if isinstance(default, bool):
         if not isinstance(value, bool):
             return value, f"{where} = {value!r}: expected true or false"
@@ -64,6 +66,39 @@ def check_value(where: str, fld: dataclasses.Field, value: Any) -> tuple[Any, st
         op = "<" if meta.get("exclusive_max") else "<="
         return value, f"{where} = {value!r}: must be {op} {meta['max']}"
     return value, None
+
+
+def check_amount(where: str, value: Any, meta: dict) -> tuple[Any, str | None]:
+    """A share of a set or a number of its members: a fraction in (0, 1), a whole number from 1, or
+    (where ``meta["amount"]`` names it, e.g. "all") a word; 0 where ``meta["zero"]`` allows it (none)."""
+    word = meta["amount"] if isinstance(meta["amount"], str) else None
+    if word and value == word:
+        return value, None
+    expected = (f"{where} = {value!r}: expected a fraction between 0 and 1 (e.g. 0.1) or a whole number of "
+                f"records or clients (e.g. 5)" + (f", or {word!r}" if word else "")
+                + (", or 0 for none" if meta.get("zero") else ""))
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value in (
+            float("inf"), float("-inf")):
+        return value, expected
+    if value == 0 and meta.get("zero"):
+        return 0, None
+    if 0 < value < 1:
+        return float(value), None
+    if value >= 1 and float(value).is_integer():
+        return int(value), None
+    return value, expected
+
+
+def amount_of(amount: Any, total: int, word_means_all: bool = True) -> int:
+    """How many of ``total`` an amount (see check_amount) names: a fraction rounds up (a client of 4
+    records at 0.1 spares 1), a count is capped at ``total``."""
+    import math
+
+    if isinstance(amount, str):
+        return total if word_means_all else 0
+    if 0 < amount < 1:
+        return min(total, math.ceil(amount * total))
+    return min(total, int(amount))
 
 
 def fill(cls: type, given: dict[str, Any], section: str, problems: list[str]) -> Any | None:

@@ -95,6 +95,40 @@ class Summed:
         return self.arrays[ADAPTER]
 
 
+@dataclass(frozen=True)
+class EvalIns:
+    """Server -> one client: score the global adapter on your validation split (no training)."""
+
+    round: int
+    client_id: int
+    arrays: dict[str, Arrays]  # GLOBAL: the global adapter at the server's rank
+    config: dict[str, Scalar] = field(default_factory=dict)
+
+    @property
+    def global_adapter(self) -> Arrays:
+        return self.arrays[GLOBAL]
+
+
+@dataclass
+class Evaluation:
+    """One client -> server: its validation split's loss sums and counts, per category, and nothing else.
+
+    ``by_category[c] = [loss summed over the labelled tokens, labelled tokens, examples]``; the server
+    forms token-weighted means from the sums, so clients of unequal sizes combine exactly."""
+
+    client_id: int
+    by_category: dict[str, list]
+    examples: int  # the client's validation examples (all of them are scored)
+
+    @property
+    def loss_sum(self) -> float:
+        return sum(v[0] for v in self.by_category.values())
+
+    @property
+    def tokens(self) -> int:
+        return sum(v[1] for v in self.by_category.values())
+
+
 @dataclass
 class Failure:
     """A selected client that sent no usable reply (crashed, timed out, unreachable), and why."""

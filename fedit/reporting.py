@@ -34,6 +34,12 @@ def scalars(row: dict, clients: list[dict]) -> dict[str, float]:
     if ev and _number(ev.get("loss")) is not None:
         out["eval/loss"] = ev["loss"]
         out.update({f"eval_by_category/{c}": v for c, v in ev.get("by_category", {}).items()})
+    val = row.get("validation")
+    if val and _number(val.get("loss")) is not None:  # the clients' federated validation: overall, per category, spread
+        out["validation/loss"] = val["loss"]
+        out["validation/clients"] = val["clients"]
+        out.update({f"validation/client_{k}": v for k, v in val["spread"].items()})
+        out.update({f"validation_by_category/{c}": v for c, v in val.get("by_category", {}).items()})
     for key in ("seconds", "train_seconds", "eval_seconds"):
         if _number(row.get(key)) is not None:
             out[f"round/{key}"] = row[key]

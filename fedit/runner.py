@@ -9,6 +9,7 @@ prepares without client files: they live on the client machines.
 from __future__ import annotations
 
 import json
+import logging
 import platform
 import time
 from contextlib import contextmanager
@@ -26,19 +27,20 @@ from fedit.data.records import load_records
 from fedit.checkpoint import atomic_write_json
 from fedit.errors import FeditError
 from fedit.evaluation.heldout import heldout_loss
-from fedit.evaluation.plots import plot_loss
 from fedit.adapter import Adapter, save_adapter
 from fedit.model import Loaded, attach_lora, load_base
 from fedit.runtime.simulation import Simulation
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
 class Prepared:
     loaded: Loaded
     clients: ClientFiles
-    test: list[Example]
+    test: list[Example] | None  # None: the server holds no test set
     data_sha256: str
-    test_file: Path
+    test_file: Path | None
 
     def evaluate(self, adapter: Adapter, cfg: Config) -> dict:
         return heldout_loss(self.loaded, self.test, adapter, cfg.eval.batch_size, cfg.train.micro_batch_tokens)
@@ -59,28 +61,57 @@ def partition_dir(cfg: Config, run_dir: Path, say: Callable[[str], None] = lambd
         say(f"partitioning {d.source} into {out} ({how}) ...")
         m, loaded = partition.make(d.source, out, clients=d.clients, scheme=d.scheme, alpha=d.alpha,
                                    min_size=d.min_size, test_per_category=d.test_per_category, seed=d.seed,
-                                   fields=d.fields, split_name=d.split, by=d.by, label=d.label)
+                                   fields=d.fields, split_name=d.split, by=d.by, label=d.label,
+                                   validation=d.client_validation)
         for line in partition.describe(m, loaded):
             say(line)
     return out
 
 
+def server_test_file(cfg: Config, clients_dir: Path | None) -> Path | None:
+    """The test file the server scores, or None where it holds none: eval.test off, or no data.test_file and
+    no records in the partition's test.jsonl. What it cannot do without one is said once, here."""
+    if not cfg.eval.test or not cfg.eval.every:
+        return None
+    if cfg.data.test_file:
+        path = Path(cfg.data.test_file)
+        if not path.is_file():
+            raise FeditError(f"data.test_file {path} does not exist; point it at a held-out file, or leave it unset "
+                             f"(the run then measures itself on data.client_validation)")
+        return path
+    path = clients_dir / "test.jsonl" if clients_dir else None
+    if path and path.is_file() and path.stat().st_size:
+        return path
+    if not cfg.data.client_validation:
+        raise FeditError(f"the server holds no test set ({path or 'no data.test_file'} has no records) and the "
+                         f"clients hold back no validation split: nothing would measure the run. Set "
+                         f"data.client_validation (e.g. 0.1: federated evaluation on the clients' own data), or "
+                         f"data.test_file, or eval.every = 0")
+    return None
+
+
 def prepare(cfg: Config, loaded: Loaded | None = None, run_dir: Path | None = None,
             say: Callable[[str], None] = lambda line: None) -> Prepared:
     clients_dir = partition_dir(cfg, Path(run_dir or cfg.run.out), say)
-    test_file = Path(cfg.data.test_file or clients_dir / "test.jsonl")
-    if not test_file.is_file():
-        raise FeditError(f"test file {test_file} does not exist; set data.test_file or re-run `fedit partition`")
+    test_file = server_test_file(cfg, clients_dir)
     if loaded is None:
         loaded = load_base(cfg.model)
         attach_lora(loaded, cfg.lora, cfg.federation.seed)
-    t = cfg.train
-    clients = ClientFiles(clients_dir, loaded.tokenizer, t.cutoff_len, t.train_on_inputs, cfg.data.template)
-    test = tokenize(load_records(test_file).records, loaded.tokenizer, cfg.eval.cutoff_len or t.cutoff_len,
-                    t.train_on_inputs, cfg.data.template)
-    if note := shortening(test):
-        say(f"held-out set: {note}")
-    return Prepared(loaded, clients, test, partition.partition_sha256(clients_dir, test_file), test_file)
+    t, d = cfg.train, cfg.data
+    clients = ClientFiles(clients_dir, loaded.tokenizer, t.cutoff_len, t.train_on_inputs, d.template,
+                          validation=d.client_validation, seed=d.seed, eval_cutoff_len=cfg.eval.cutoff_len)
+    test = None
+    if test_file is not None:
+        test = tokenize(load_records(test_file).records, loaded.tokenizer, cfg.eval.cutoff_len or t.cutoff_len,
+                        t.train_on_inputs, d.template)
+        if note := shortening(test):
+            say(f"held-out set: {note}")
+    if d.client_validation and not clients.manifest.get("client_validation"):  # the manifest did not count them
+        say(partition.validation_line(d.client_validation, [c["examples"] for c in clients.manifest["clients"]]))
+    if test is None:
+        say("the server holds no test set: every figure is the clients' federated validation loss")
+    return Prepared(loaded, clients, test, partition.partition_sha256(clients_dir, test_file, test=test_file is not None),
+                    test_file)
 
 
 def run_metadata(cfg: Config, loaded: Loaded) -> dict:
@@ -123,17 +154,23 @@ def run(cfg: Config | None, resume: str | None = None, console=None, loaded: Loa
                           "boost" if a.kind == "backdoor" else "factor": a.strength}
     if console is not None and "tensorboard" in cfg.run.report_to:
         console.print(f"watch it: tensorboard --logdir {run_dir / 'tensorboard'}")
-    sizes = {c["id"]: c["examples"] for c in prep.clients.manifest["clients"]}
+    splits = prep.clients.sizes()
+    sizes = {c: train for c, (train, _) in splits.items()}
+    if cfg.data.client_validation:  # each client's training and validation records, as this run holds them back
+        meta["client_splits"] = {str(c): {"train": train, "validation": val} for c, (train, val) in splits.items()}
+        if cfg.privacy.enabled:
+            log.warning("privacy.enabled: (ε, δ) covers the adapter updates only; each client's validation loss "
+                        "per category reaches the server in the clear (docs/evaluation.md)")
     canary = cfg.canary
     if canary.client >= 0:  # an experiment with inserted secrets: that client holds more records
         sizes[canary.client] = sizes.get(canary.client, 0) + canary.count * canary.repeats
     with progress.live() if progress else _nothing():
         final = server.run(cfg, sim, run_dir, client_ids=prep.clients.ids, initial_adapter=prep.loaded.initial_adapter,
-                           save_adapter=prep.save, evaluate=lambda a: prep.evaluate(a, cfg), resume=bool(resume),
-                           hooks=progress.hooks() if progress else None, meta=meta, client_sizes=sizes,
-                           data_sha256=prep.data_sha256)
-    rd = server.RunDir(run_dir)
-    plot_loss(server.loss_curve(rd), run_dir / "loss.png")
+                           save_adapter=prep.save, evaluate=(lambda a: prep.evaluate(a, cfg)) if prep.test else None,
+                           resume=bool(resume), hooks=progress.hooks() if progress else None, meta=meta,
+                           client_sizes=sizes, data_sha256=prep.data_sha256,
+                           validation_sizes={c: val for c, (_, val) in splits.items()})
+    server.plot_run(server.RunDir(run_dir))
     if cfg.attack.kind == "backdoor":  # how often the final model answers the trigger with the target
         test = load_records(prep.test_file).records
         a, template = cfg.attack, cfg.data.template
@@ -189,8 +226,7 @@ class _Progress:
     def _round_end(self, row: dict) -> None:
         self.bar.update(self.rounds, completed=row["round"])
         self.bar.update(self.steps, visible=False)
-        ev = row.get("eval")
-        loss = f"held-out loss {ev['loss']:.4f}" if ev else "not evaluated"
+        loss = figures_line(row)
         what = "base model" if row["round"] == 0 else f"{row['accepted']} clients {row['clients']}"
         extra = f", {len(row['rejected'])} rejected" if row.get("rejected") else ""
         secs = f" in {row['seconds']:.1f}s" if "seconds" in row else ""
@@ -198,17 +234,43 @@ class _Progress:
         self.console.print(f"round {row['round']:>3}: {loss}{dp} ({what}{extra}){secs}")
 
 
+def figures_line(row: dict) -> str:
+    """A round's figures, each named by where it came from: the server's test set, the clients' validation."""
+    parts = []
+    if row.get("eval"):
+        parts.append(f"test loss {row['eval']['loss']:.4f}")
+    val = row.get("validation")
+    if val and "loss" in val:
+        parts.append(f"validation loss {val['loss']:.4f} (federated, {val['clients']} clients; worst tenth "
+                     f"{val['spread']['worst_tenth']:.4f})")
+    elif val:
+        parts.append(f"validation: no client scored ({len(val.get('left_out', []))} left out)")
+    return ", ".join(parts) or "not evaluated"
+
+
 def summary(run_dir: Path) -> str:
     """A few lines on the finished run: loss before, after, best, and where the files are."""
     rd = server.RunDir(run_dir)
-    curve = server.loss_curve(rd)
     lines = [f"run directory: {run_dir}"]
-    if curve:
+    for key in ("eval", "validation"):
+        curve = server.loss_curve(rd, key)
+        if not curve:
+            continue
         (r0, e0), (rn, en) = curve[0], curve[-1]
-        lines.append(f"held-out loss: {e0['loss']:.4f} (round {r0}) -> {en['loss']:.4f} (round {rn})")
+        name = "test loss (server's held-out set)" if key == "eval" else \
+            f"validation loss (federated, {en['clients']} clients)"
+        lines.append(f"{name}: {e0['loss']:.4f} (round {r0}) -> {en['loss']:.4f} (round {rn})")
         for cat in sorted(en["by_category"]):
             before = e0["by_category"].get(cat, float("nan"))
             lines.append(f"  {cat:<24} {before:.4f} -> {en['by_category'][cat]:.4f}")
+        if key == "validation":
+            s0, sn = e0["spread"], en["spread"]
+            lines.append(f"  clients: median {s0['median']:.4f} -> {sn['median']:.4f}, worst tenth "
+                         f"{s0['worst_tenth']:.4f} -> {sn['worst_tenth']:.4f}, max {s0['max']:.4f} -> {sn['max']:.4f}")
+    best = (rd.read_state() or {}).get("best")
+    if best:
+        kept = f"; kept in {run_dir / 'best'}" if (run_dir / "best").is_dir() else ""
+        lines.append(f"best round by validation loss: {best['round']} ({best['loss']:.4f}){kept}")
     tiers = server.traffic_by_rank(rd.events("client"))
     if tiers:
         lines.append("traffic per client and round: " + "; ".join(

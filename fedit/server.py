@@ -33,7 +33,8 @@ from fedit.checkpoint import atomic_write, atomic_write_json
 from fedit.config import Config
 from fedit.errors import FeditError
 from fedit.adapter import Adapter, load_adapter_file
-from fedit.protocol import ADAPTER, CLIP, Failure, FitIns, Summed, Update, nbytes
+from fedit.evaluation import federated
+from fedit.protocol import ADAPTER, CLIP, GLOBAL, EvalIns, Evaluation, Failure, FitIns, Summed, Update, nbytes
 from fedit.strategies import build as build_strategy
 from fedit.strategies.base import prefixed, unprefixed
 
@@ -49,6 +50,10 @@ class Runtime(Protocol):
     secure: bool
 
     def fit(self, round_num: int, instructions: list[FitIns]) -> Iterable[Update | Failure]: ...
+
+    def evaluate(self, round_num: int, instructions: list[EvalIns]) -> Iterable[Evaluation | Failure]:
+        """Federated evaluation: each client's Evaluation of the global adapter on its validation split."""
+        ...
 
 
 @dataclass
@@ -135,11 +140,17 @@ def check_update(u: Update, reference: Adapter, groups: tuple[str, ...] = (ADAPT
 def run(cfg: Config, runtime: Runtime, run_dir: str | Path, *, client_ids: list[int], initial_adapter: Adapter,
         save_adapter: Callable[[Adapter, Path], None], evaluate: Callable[[Adapter], dict] | None = None,
         resume: bool = False, hooks: Hooks | None = None, meta: dict | None = None,
-        client_sizes: dict[int, int] | None = None, data_sha256: str | None = None) -> Adapter:
+        client_sizes: dict[int, int] | None = None, data_sha256: str | None = None,
+        validation_sizes: dict[int, int] | None = None) -> Adapter:
     """Run (or resume) ``cfg.federation.rounds`` rounds; return the final global adapter.
 
-    ``client_sizes`` (records per client, where the server knows them: the partition manifest
-    in-process) caps the example count a client may claim at size × local_epochs.
+    ``evaluate`` scores an adapter on the server's own test set (None: the server holds none);
+    with data.client_validation the clients score it on their validation splits through
+    ``runtime.evaluate`` (fedit.evaluation.federated), and keep_best and early stopping follow
+    that figure, never the test set's.
+    ``client_sizes`` (training records per client, where the server knows them: the partition
+    manifest in-process) caps the example count a client may claim at size × local_epochs;
+    ``validation_sizes`` likewise caps the examples an evaluation reply may claim.
     ``data_sha256`` (of the data files the server sees) is kept in run.json; a resume with
     other files is refused."""
     hooks = hooks or Hooks()
@@ -167,6 +178,36 @@ def run(cfg: Config, runtime: Runtime, run_dir: str | Path, *, client_ids: list[
         caps = [math.ceil(client_sizes[cid] * cfg.train.local_epochs)] if client_sizes and cid in client_sizes else []
         return min(caps + ([fed.max_examples] if fed.max_examples else []), default=None)
 
+    validating = bool(cfg.data.client_validation) and cfg.eval.every > 0
+    patience = fed.early_stop_patience
+    eval_cutoff = cfg.eval.cutoff_len or cfg.train.cutoff_len
+
+    def federated_eval(r: int, adapter: Adapter) -> dict | None:
+        """The clients' validation figures for ``adapter`` (None when no client scored a token)."""
+        asked = federated.select(client_ids, cfg.eval.clients, fed.seed, r)
+        results: list[Evaluation] = []
+        left_out: list[dict] = []
+        for e in runtime.evaluate(r, [EvalIns(r, cid, {GLOBAL: adapter}) for cid in asked]):
+            if isinstance(e, Failure):
+                problem, cid = e.reason, e.client_id
+            elif not isinstance(e, Evaluation) or e.client_id not in asked or any(
+                    x.client_id == e.client_id for x in results):
+                problem, cid = f"client {getattr(e, 'client_id', None)!r:.40} was not asked for one evaluation", None
+            else:
+                cid = e.client_id
+                problem = federated.check(e, (validation_sizes or {}).get(cid), eval_cutoff)
+            if problem:
+                log.warning("round %d: evaluation of client %s left out: %s", r, cid, problem)
+                left_out.append({"client": cid, "reason": problem})
+            else:
+                results.append(e)
+        figures = federated.combine(results)
+        if figures is None:
+            log.warning("round %d: no client scored a validation token (%d asked, %d left out)", r, len(asked),
+                        len(left_out))
+            return {"source": "validation (federated)", "clients": 0, "asked": len(asked), "left_out": left_out}
+        return {**figures, "asked": len(asked), "left_out": left_out}
+
     state = rd.read_state() if resume else None
     if resume and state is None:
         raise FeditError(f"{rd.path} has no state.json: nothing to resume; start it with `fedit run` instead")
@@ -191,6 +232,7 @@ def run(cfg: Config, runtime: Runtime, run_dir: str | Path, *, client_ids: list[
                 dp.load_state_dict(unprefixed(PRIVACY, saved))
             strategy.load_state_dict({k: v for k, v in saved.items() if not k.startswith(PRIVACY + "/")})
         client_rounds = {int(c): r for c, r in state.get("client_rounds", {}).items()}
+        best = state.get("best")
         log.info("resuming %s after round %d", rd.path, state["round"])
     else:
         if rd.path.exists() and (rd.state.exists() or rd.metrics.exists()):
@@ -201,23 +243,44 @@ def run(cfg: Config, runtime: Runtime, run_dir: str | Path, *, client_ids: list[
         atomic_write_json(rd.path / "run.json", {**(meta or {}), "clients": len(client_ids), "clients_per_round": k,
                                                  "data_sha256": data_sha256,
                                                  **({"client_loras": plan.table()} if plan.clients else {})})
-        start, global_adapter, client_rounds = 1, initial_adapter, {}
+        start, global_adapter, client_rounds, best = 1, initial_adapter, {}, None
 
     def saved_state() -> Adapter:  # what a resume needs besides the adapter: the strategy's and DP's state
         return {**strategy.state_dict(), **(prefixed(PRIVACY, dp.state_dict()) if dp is not None else {})}
+
+    def evaluated(r: int, row: dict) -> dict | None:
+        """Score the round's adapter (test, validation); move ``best``; return the best's record if it moved."""
+        nonlocal best
+        t_eval = time.perf_counter()
+        if evaluate:
+            row["eval"] = evaluate(global_adapter)
+        if validating:
+            row["validation"] = federated_eval(r, global_adapter)
+        row["eval_seconds"] = round(time.perf_counter() - t_eval, 3)
+        loss = row.get("validation", {}).get("loss")
+        if loss is None:  # no figure to choose on: the round neither improves nor counts against patience
+            return None
+        if best is None or loss < best["loss"]:
+            best = {"round": r, "loss": loss, "since": 0}
+            return best
+        best = {**best, "since": best["since"] + 1}
+        return None
 
     report = reporting.open_reporters(cfg.run.report_to, rd.path, cfg.run.wandb_project, cfg.to_dict())
     with report:
         if not state:
             row = {"event": "round", "round": 0, "clients": [], "accepted": 0}
-            if evaluate and cfg.eval.every:
-                row["eval"] = evaluate(global_adapter)  # the untuned base model: the line to beat
-            _finish_round(rd, 0, global_adapter, row, save_adapter, saved_state(), client_rounds)
+            improved = evaluated(0, row) if cfg.eval.every else None  # the untuned base model: the line to beat
+            _finish_round(rd, 0, global_adapter, row, save_adapter, saved_state(), client_rounds, best=best,
+                          keep_best=improved is not None and cfg.run.keep_best)
             hooks.round_end(row)
             report.round(row, [])
         for r in range(start, fed.rounds + 1):
             over = dp.over_budget(r) if dp is not None else None
-            if over:  # before the round that would spend more than privacy.max_epsilon
+            if not over and patience and best and best["since"] >= patience:
+                over = (f"early stop: {best['since']} evaluations without a lower validation loss than round "
+                        f"{best['round']}'s {best['loss']:.4f} (federation.early_stop_patience = {patience})")
+            if over:  # before the round that would spend more than privacy.max_epsilon, or after patience ran out
                 log.warning(over)
                 rd.append(event="stop", round=r - 1, reason=over)
                 break
@@ -308,11 +371,11 @@ def run(cfg: Config, runtime: Runtime, run_dir: str | Path, *, client_ids: list[
                 row["privacy"] = dict(dp.last_report)
             if strategy.kept_clients is not None:
                 row["kept"] = strategy.kept_clients  # Krum / Multi-Krum: whose changes made the round's step
-            if evaluate and cfg.eval.every and (r % cfg.eval.every == 0 or r == fed.rounds):
-                t_eval = time.perf_counter()
-                row["eval"] = evaluate(global_adapter)
-                row["eval_seconds"] = round(time.perf_counter() - t_eval, 3)
-            _finish_round(rd, r, global_adapter, row, save_adapter, saved_state(), client_rounds, t0)
+            improved = None
+            if cfg.eval.every and (r % cfg.eval.every == 0 or r == fed.rounds):
+                improved = evaluated(r, row)
+            _finish_round(rd, r, global_adapter, row, save_adapter, saved_state(), client_rounds, t0, best=best,
+                          keep_best=improved is not None and cfg.run.keep_best)
             hooks.round_end(row)
             report.round(row, client_rows)
     save_adapter(global_adapter, rd.path / "adapter")  # the final global adapter, where users look first
@@ -338,9 +401,12 @@ def load_arrays(path: Path) -> Adapter:
 
 
 def _finish_round(rd: RunDir, r: int, adapter: Adapter, row: dict, save_adapter, strategy_state: Adapter,
-                  client_rounds: dict, t0: float | None = None) -> None:
+                  client_rounds: dict, t0: float | None = None, best: dict | None = None,
+                  keep_best: bool = False) -> None:
     t = time.perf_counter()
     save_adapter(adapter, rd.round_dir(r))
+    if keep_best:  # this round has the lowest validation loss so far; committed with state.json below
+        save_adapter(adapter, rd.path / "best")
     state_file = None
     if strategy_state:  # before state.json: the round is committed only once everything it needs is on disk
         state_file = Path("strategy") / f"round_{r:04d}.safetensors"
@@ -353,15 +419,25 @@ def _finish_round(rd: RunDir, r: int, adapter: Adapter, row: dict, save_adapter,
     atomic_write_json(rd.state, {"round": r, "metrics_offset": rd.metrics.stat().st_size,
                                  "adapter": str(rd.round_dir(r).relative_to(rd.path)),
                                  "strategy_state": str(state_file) if state_file else None,
-                                 "client_rounds": {str(c): cr for c, cr in sorted(client_rounds.items())}})
+                                 "client_rounds": {str(c): cr for c, cr in sorted(client_rounds.items())},
+                                 "best": best})
     for old in (rd.path / "strategy").glob("round_*.safetensors"):  # only the committed one is ever read again
         if state_file is None or old.name != state_file.name:
             old.unlink(missing_ok=True)
 
 
-def loss_curve(rd: RunDir) -> list[tuple[int, dict]]:
-    """(round, eval) of every evaluated round, for plots and summaries."""
-    return [(row["round"], row["eval"]) for row in rd.events("round") if "eval" in row and not math.isnan(row["eval"]["loss"])]
+def loss_curve(rd: RunDir, key: str = "eval") -> list[tuple[int, dict]]:
+    """(round, figures) of every evaluated round, for plots and summaries: ``eval`` the server's test set,
+    ``validation`` the clients' federated validation."""
+    return [(row["round"], row[key]) for row in rd.events("round")
+            if isinstance(row.get(key), dict) and "loss" in row[key] and not math.isnan(row[key]["loss"])]
+
+
+def plot_run(rd: RunDir) -> None:
+    """loss.png of a run: its test curve and its federated validation curve, whichever it has."""
+    from fedit.evaluation.plots import plot_loss
+
+    plot_loss(loss_curve(rd), rd.path / "loss.png", validation=loss_curve(rd, "validation"))
 
 
 def traffic_by_rank(client_rows: list[dict]) -> dict[int, dict]:

@@ -163,13 +163,35 @@ def split(records: list[Record], clients: int, scheme: str = "dirichlet", *, alp
     return Split(test=test, clients=parts)
 
 
+VALIDATION_STREAM = 0x76616C  # "val": keeps the validation draw apart from every other use of the seed
+
+
+def validation_size(records: int, amount) -> int:
+    """Records a client of ``records`` holds back for validation under data.client_validation: a fraction
+    rounded up or a count, always leaving one record to train on (a client of one record keeps it)."""
+    from fedit.fields import amount_of
+
+    return 0 if not amount or records < 2 else min(records - 1, amount_of(amount, records))
+
+
+def split_validation(n: int, amount, seed: int, client_id: int) -> tuple[list[int], list[int]]:
+    """(training indices, validation indices) of a client's ``n`` records, in file order. Drawn from
+    (seed, client id) alone, so the simulation, a Flower SuperNode and a resumed run hold back the same
+    records of the same file."""
+    k = validation_size(n, amount)
+    held = set(np.random.default_rng([seed, client_id, VALIDATION_STREAM]).permutation(n)[:k].tolist())
+    return [i for i in range(n) if i not in held], sorted(held)
+
+
 def client_file(i: int, n: int) -> str:
     return f"client_{i:0{max(3, len(str(n - 1)))}d}.jsonl"
 
 
 def write(out: str | Path, loaded: LoadResult, sp: Split, *, scheme: str, seed: int, alpha: float,
-          test_per_category: int, by: str = "", label: str = "category") -> dict:
-    """Write client files, test.jsonl, manifest.json and heterogeneity.png into ``out`` atomically."""
+          test_per_category: int, by: str = "", label: str = "category", validation=0) -> dict:
+    """Write client files, test.jsonl, manifest.json and heterogeneity.png into ``out`` atomically;
+    with ``validation`` (data.client_validation) the manifest counts each client's training and
+    validation records (the split itself is drawn when the client reads its file)."""
     records = loaded.records
     n = len(sp.clients)
     out = Path(out)
@@ -179,6 +201,7 @@ def write(out: str | Path, loaded: LoadResult, sp: Split, *, scheme: str, seed: 
     manifest = {
         "source": loaded.source, "scheme": scheme, "seed": seed, "alpha": alpha if scheme in ("dirichlet", "quantity") else None,
         "test_per_category": test_per_category, "records": len(records), "label": label,
+        **({"client_validation": validation, "validation_seed": seed} if validation else {}),
         **({"by": by, "left_out": sp.left_out} if by else {}),
         "skipped": [{"line": line, "reason": why} for line, why in loaded.skipped],
         "categories": categories,
@@ -191,7 +214,9 @@ def write(out: str | Path, loaded: LoadResult, sp: Split, *, scheme: str, seed: 
         for c, idx in enumerate(sp.clients):
             name = client_file(c, n)
             write_jsonl(tmp / name, (records[i] for i in idx))
+            held = validation_size(len(idx), validation)
             manifest["clients"].append({"id": c, "file": name, "examples": len(idx),
+                                        **({"train": len(idx) - held, "validation": held} if validation else {}),
                                         # under its own key: a field named "id" or "file" must not replace those
                                         **({"value": sp.names[c]} if by else {}),
                                         "categories": dict(Counter(records[i].category for i in idx))})
@@ -202,7 +227,8 @@ def write(out: str | Path, loaded: LoadResult, sp: Split, *, scheme: str, seed: 
 
 def make(source: str, out: str | Path, *, clients: int = 100, scheme: str = "dirichlet", alpha: float = 0.5,
          min_size: int | None = None, test_per_category: int = 10, seed: int = 42, fields: str = "",
-         split_name: str = "train", by: str = "", label: str = "category", sample: int = 0) -> tuple[dict, LoadResult]:
+         split_name: str = "train", by: str = "", label: str = "category", sample: int = 0,
+         validation=0) -> tuple[dict, LoadResult]:
     """Read ``source`` (a file or hub id), split it and write the partition into ``out``:
     `fedit partition` and `fedit run data.source=...` both come here. ``min_size`` 0 or None: the default.
     ``sample`` > 0: only that many records, drawn with ``seed``, in their original order (experiments)."""
@@ -221,7 +247,7 @@ def make(source: str, out: str | Path, *, clients: int = 100, scheme: str = "dir
     sp = split(loaded.records, clients, scheme, alpha=alpha, seed=seed, test_per_category=test_per_category,
                min_size=min_size or None, by=by)
     return write(out, loaded, sp, scheme="by " + by if by else scheme, seed=seed, alpha=alpha,
-                 test_per_category=test_per_category, by=by, label=label), loaded
+                 test_per_category=test_per_category, by=by, label=label, validation=validation), loaded
 
 
 def describe(m: dict, loaded: LoadResult) -> list[str]:
@@ -231,14 +257,26 @@ def describe(m: dict, loaded: LoadResult) -> list[str]:
     label = "category" if m.get("label", "category") == "category" else f"category (field {m['label']!r})"
     lines = [f"read {m['records']} {kind} from {m['source']}; {loaded.skipped_summary()}",
              f"test: {m['test']['examples']} records ({m['test_per_category']} per {label}, "
-             f"{len(m['categories'])} categories)",
+             f"{len(m['categories'])} categories)" if m["test"]["examples"] else
+             "test: none held out (the server holds no data; set data.client_validation to measure the run)",
              f"{m['scheme']} split over {len(sizes)} clients: {sum(sizes)} records, {min(sizes)}-{max(sizes)} per client"]
+    if m.get("client_validation"):
+        lines.append(validation_line(m["client_validation"], [c["examples"] for c in m["clients"]]))
     if m.get("left_out"):
         lo = m["left_out"]
         lines.append(f"left out: {lo['records_without_field']} records without {m['by']!r}, "
                      f"{lo['clients_below_min_size']} clients below the minimum size "
                      f"({lo['records_of_those_clients']} records)")
     return lines
+
+
+def validation_line(amount, sizes: list[int]) -> str:
+    held = [validation_size(n, amount) for n in sizes]
+    share = f"{amount:.0%}" if isinstance(amount, float) else f"{amount} record(s)"
+    none = sum(1 for h in held if h == 0)
+    return (f"validation: {share} of each client's records held back on the client: {sum(held)} records, "
+            f"{min(held)}-{max(held)} per client" + (f"; {none} client(s) too small to spare one train on all "
+                                                     f"their records" if none else ""))
 
 
 def plot_heterogeneity(manifest: dict, path: Path) -> None:
@@ -288,13 +326,14 @@ def fingerprint(files: list[Path]) -> str:
     return h.hexdigest()
 
 
-def partition_sha256(clients_dir: str | Path, test_file: str | Path | None = None) -> str:
+def partition_sha256(clients_dir: str | Path, test_file: str | Path | None = None, test: bool = True) -> str:
     """The fingerprint of a partition as a run sees it: the test file and every client file, by name
-    and bytes. Not the manifest's own bytes: a field a newer fedit adds to it (as "label" was) must
-    not make runs trained on the same files look as if they had other data."""
+    and bytes (``test`` false: a server that holds no test set never opens it). Not the manifest's own
+    bytes: a field a newer fedit adds to it (as "label" was) must not make runs trained on the same
+    files look as if they had other data."""
     d = Path(clients_dir)
     files = [d / c["file"] for c in read_manifest(d)["clients"]]
-    return fingerprint([Path(test_file or d / "test.jsonl"), *files])
+    return fingerprint([Path(test_file or d / "test.jsonl")] * test + files)
 
 
 def read_manifest(clients_dir: str | Path) -> dict:

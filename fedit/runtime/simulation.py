@@ -24,7 +24,7 @@ from fedit.config import Config
 from fedit.data.clients import ClientFiles
 from fedit.errors import FeditError
 from fedit.model import Loaded
-from fedit.protocol import STATE_ROUND, Arrays, FitIns, Update
+from fedit.protocol import STATE_ROUND, Arrays, EvalIns, Evaluation, FitIns, Update
 from fedit.strategies import STRATEGIES
 
 
@@ -101,3 +101,20 @@ class Simulation:
                                      f"simulation has no directory for it")
                 self.states.save(cid, round_num, new_state, keep=kept)
             yield update
+
+    def evaluate(self, round_num: int, instructions: list[EvalIns]) -> Iterator[Evaluation]:
+        """Each client scores the global adapter on its own validation split (fedit.evaluation.federated)."""
+        for ins in instructions:
+            yield evaluate_client(self.loaded, ins, self.clients.validation_examples(ins.client_id), self.cfg)
+
+
+def evaluate_client(loaded: Loaded, ins: EvalIns, examples: list, cfg: Config) -> Evaluation:
+    """What a client sends back for an EvalIns: its validation split's loss sums per category. Shared by
+    the simulation and the Flower ClientApp, so both score alike."""
+    from fedit.evaluation.federated import category_sums
+    from fedit.evaluation.heldout import heldout_loss
+
+    if not examples:
+        return Evaluation(ins.client_id, {}, 0)
+    scored = heldout_loss(loaded, examples, ins.global_adapter, cfg.eval.batch_size, cfg.train.micro_batch_tokens)
+    return Evaluation(ins.client_id, category_sums(examples, scored["examples"]), len(examples))
