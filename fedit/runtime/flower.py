@@ -170,32 +170,93 @@ def content_to_fitins(content: RecordDict):
     return FitIns(int(conf["round"]), int(conf["client-id"]), _array_groups(content), dict(content["fitins"]))
 
 
+def _site_records(path: Path, cfg: Config, cid: int) -> tuple[list, list]:
+    """(training records, validation records) of this site's data file: the same split as the simulation's
+    (fedit.data.partition.split_validation, from data.seed and the client id)."""
+    from fedit.data.partition import split_validation
+    from fedit.data.records import load_records
+
+    records = load_records(path).records
+    train, val = split_validation(len(records), cfg.data.client_validation, cfg.data.seed, cid)
+    return [records[i] for i in train], [records[i] for i in val]
+
+
+def _message_setup(msg: Message, context: Context) -> tuple[Config, int, Path]:
+    """The config a message carries and this node's client id and data file, checked against the message."""
+    cfg = config_from_text(str(msg.content["config"]["fedit-config"]), "the fedit config sent by the server")
+    cid, path = _node_identity(context, cfg)
+    wanted = int(msg.content["config"]["client-id"])
+    if cid != wanted:
+        raise FeditError(f"this SuperNode is client {cid}, but the message is for client {wanted}")
+    if path is None:
+        raise FeditError("this SuperNode has no data-path in its node config and the server's data.clients_dir is "
+                         "not set; start it with --node-config 'client-id=N data-path=\"/path/to/client_N.jsonl\"'")
+    return cfg, cid, path
+
+
+@client_app.evaluate()
+def _evaluate(msg: Message, context: Context) -> Message:
+    """Federated evaluation: score the global adapter on this site's validation split; reply with its loss
+    sums and counts per category (fedit.protocol.Evaluation) and nothing else."""
+    t0 = time.perf_counter()
+    from fedit.data.batches import tokenize
+    from fedit.protocol import EvalIns
+    from fedit.runtime.simulation import evaluate_client
+
+    cfg, cid, path = _message_setup(msg, context)
+    loaded = _load_model(cfg, str(context.node_config.get("model", cfg.model.name)))
+    load_seconds = time.perf_counter() - t0
+    t = cfg.train
+    examples = tokenize(_site_records(path, cfg, cid)[1], loaded.tokenizer, cfg.eval.cutoff_len or t.cutoff_len,
+                        t.train_on_inputs, cfg.data.template)
+    conf = msg.content["config"]
+    e = evaluate_client(loaded, EvalIns(int(conf["round"]), cid, _array_groups(msg.content)), examples, cfg)
+    cats = sorted(e.by_category)
+    return Message(RecordDict({"evaluation": ConfigRecord({
+        "client-id": cid, "examples": e.examples, "categories": cats,
+        "loss-sums": [float(e.by_category[c][0]) for c in cats], "tokens": [e.by_category[c][1] for c in cats],
+        "counts": [e.by_category[c][2] for c in cats]}),
+        "metrics": MetricRecord({"load_seconds": round(load_seconds, 3)})}), reply_to=msg)
+
+
+def reply_to_evaluation(content: RecordDict, cid: int):
+    """The Evaluation in an evaluate reply, or the reason it is malformed (a string); its values are checked
+    by the round loop (fedit.evaluation.federated.check)."""
+    from fedit.protocol import Evaluation
+
+    try:
+        r = content["evaluation"]
+        sender, examples = r["client-id"], r["examples"]
+        cats, sums, tokens, counts = (list(r[k]) for k in ("categories", "loss-sums", "tokens", "counts"))
+        if not len(cats) == len(sums) == len(tokens) == len(counts) or len(set(map(str, cats))) != len(cats):
+            return "malformed evaluation: its category lists differ in length or repeat a category"
+        by_category = {c: [s, n, x] for c, s, n, x in zip(cats, sums, tokens, counts)}
+    except Exception as e:  # untrusted input: a rejected reply, never a crashed server
+        return f"malformed evaluation: {type(e).__name__}: {str(e)[:200]}"
+    if sender != cid:
+        return f"the evaluation came from a node that is no longer client {cid}"
+    return Evaluation(cid, by_category, examples)
+
+
 @client_app.train(mods=[secagg_if_configured])
 def _train(msg: Message, context: Context) -> Message:
     t0 = time.perf_counter()
     from fedit import client
     from fedit.data.batches import tokenize
-    from fedit.data.records import load_records
     from fedit.protocol import STATE_ROUND
     from fedit.strategies import STRATEGIES
 
-    cfg = config_from_text(str(msg.content["config"]["fedit-config"]), "the fedit config sent by the server")
+    cfg, cid, path = _message_setup(msg, context)
     ins = content_to_fitins(msg.content)
-    cid, path = _node_identity(context, cfg)
-    if cid != ins.client_id:
-        raise FeditError(f"this SuperNode is client {cid}, but the message is for client {ins.client_id}")
     secure = is_secure(msg.content)
     if context.node_config.get("secure-aggregation", False) is True and not secure:
         raise FeditError(f"client {cid} sends its change only through secure aggregation (node config "
                          f"secure-aggregation=true) and this round asked for it in the clear: refused")
-    if path is None:
-        raise FeditError("this SuperNode has no data-path in its node config and the server's data.clients_dir is "
-                         "not set; start it with --node-config 'client-id=N data-path=\"/path/to/client_N.jsonl\"'")
     model_name = str(context.node_config.get("model", cfg.model.name))
     loaded = _load_model(cfg, model_name)
     load_seconds = time.perf_counter() - t0
     t = cfg.train
-    examples = tokenize(load_records(path).records, loaded.tokenizer, t.cutoff_len, t.train_on_inputs,
+    examples = tokenize(_site_records(path, cfg, cid)[0], loaded.tokenizer, t.cutoff_len, t.train_on_inputs,
                         cfg.data.template)
     if not examples:
         raise FeditError(f"{path} holds no usable records")
@@ -363,25 +424,28 @@ class FlowerRuntime:
         self.cfg_text = config_to_text(cfg)
         self.secure = cfg.secagg.enabled  # the round's changes arrive as one Summed
 
-    def fit(self, round_num: int, instructions: list) -> Iterator:
+    def _nodes_of(self, instructions: list) -> tuple[dict, list]:
+        """(node id -> the instruction of the client it serves, a Failure per client with no connected node)."""
         from fedit.protocol import Failure
 
         self.nodes.refresh(wait=min(self.nodes.node_wait, 30.0))  # a SuperNode that (re)joined since last round
-        by_node = {}  # node id -> the FitIns of the client it serves
+        by_node, missing = {}, []
         for ins in instructions:
             node = self.nodes.by_client.get(ins.client_id)
             if node is None:
-                yield Failure(ins.client_id, f"no connected SuperNode has client-id = {ins.client_id}")
+                missing.append(Failure(ins.client_id, f"no connected SuperNode has client-id = {ins.client_id}"))
             else:
                 by_node[node] = ins
-        if not by_node:
-            return
-        if self.secure:
-            yield from self._secure_fit(round_num, by_node)
-            return
+        return by_node, missing
+
+    def _exchange(self, round_num: int, by_node: dict, kind: str, decode) -> Iterator:
+        """One ``kind`` message per node; yields decode(reply content, client id) per reply, or a Failure
+        (a Flower error, a malformed reply, no reply within federation.round_timeout)."""
+        from fedit.protocol import Failure
+
         timeout = self.cfg.federation.round_timeout
-        messages = [Message(fitins_to_content(ins, self.cfg_text), dst_node_id=node, message_type="train",
-                            group_id=str(round_num), ttl=timeout if timeout > 0 else None)
+        messages = [Message(fitins_to_content(ins, self.cfg_text), dst_node_id=node, message_type=kind,
+                            group_id=f"{kind}-{round_num}", ttl=timeout if timeout > 0 else None)
                     for node, ins in by_node.items()]
         targets = [ins.client_id for ins in by_node.values()]
         pending = dict(zip(self.grid.push_messages(messages), targets))
@@ -394,14 +458,32 @@ class FlowerRuntime:
                 if reply.has_error():
                     yield Failure(cid, _error_text(reply))
                     continue
-                update = reply_to_update(reply.content, cid)
-                yield Failure(cid, update) if isinstance(update, str) else update
+                result = decode(reply.content, cid)
+                yield Failure(cid, result) if isinstance(result, str) else result
             if pending and deadline is not None and time.monotonic() >= deadline:
                 for cid in pending.values():
                     yield Failure(cid, f"no reply within federation.round_timeout = {timeout:g} s")
                 return
             if pending:
                 time.sleep(self.poll)
+
+    def fit(self, round_num: int, instructions: list) -> Iterator:
+        by_node, missing = self._nodes_of(instructions)
+        yield from missing
+        if not by_node:
+            return
+        if self.secure:
+            yield from self._secure_fit(round_num, by_node)
+            return
+        yield from self._exchange(round_num, by_node, "train", reply_to_update)
+
+    def evaluate(self, round_num: int, instructions: list) -> Iterator:
+        """Federated evaluation: one ``evaluate`` message per client, answered by the same ClientApp (always in
+        the clear, also under secure aggregation: docs/evaluation.md)."""
+        by_node, missing = self._nodes_of(instructions)
+        yield from missing
+        if by_node:
+            yield from self._exchange(round_num, by_node, "evaluate", reply_to_evaluation)
 
 
     def _secure_fit(self, round_num: int, by_node: dict) -> Iterator:
@@ -513,7 +595,7 @@ def serve(grid: Grid, rc: dict) -> Path:
     from fedit import server
     from fedit.runner import run_metadata
 
-    from fedit.runner import resolve_run
+    from fedit.runner import figures_line, resolve_run
 
     resume = str(rc["resume"] or "")
     if not resume and not rc["fedit-config"]:
@@ -549,10 +631,8 @@ def serve(grid: Grid, rc: dict) -> Path:
             "flower": {"client_ids": client_ids, "round_timeout": cfg.federation.round_timeout}}
 
     def round_end(row: dict) -> None:
-        ev = row.get("eval")
-        log.info("round %d: %s, %s clients accepted %s, rejected %s", row["round"],
-                 f"held-out loss {ev['loss']:.4f}" if ev else "not evaluated", row["accepted"], row["clients"],
-                 row.get("rejected", []))
+        log.info("round %d: %s, %s clients accepted %s, rejected %s", row["round"], figures_line(row),
+                 row["accepted"], row["clients"], row.get("rejected", []))
 
     def save(adapter, path: Path) -> None:
         from fedit.adapter import save_adapter
@@ -569,14 +649,16 @@ def serve(grid: Grid, rc: dict) -> Path:
     if not prep["sizes"] and not cfg.federation.max_examples and cfg.federation.aggregator == "mean":
         log.warning("no partition manifest and federation.max_examples = 0: a client's claimed example count "
                     "weights its update unchecked; set federation.max_examples or a robust federation.aggregator")
+    if cfg.data.client_validation and cfg.privacy.enabled:
+        log.warning("privacy.enabled: (ε, δ) covers the adapter updates only; each client's validation loss per "
+                    "category reaches the server in the clear (docs/evaluation.md)")
     server.run(cfg, FlowerRuntime(grid, cfg, nodes), run_dir, client_ids=client_ids, client_sizes=prep["sizes"],
                initial_adapter=loaded.initial_adapter, save_adapter=save,
                evaluate=evaluate if prep["test"] is not None else None, resume=bool(resume),
-               hooks=server.Hooks(round_end=round_end), meta=meta, data_sha256=prep["data_sha256"])
+               hooks=server.Hooks(round_end=round_end), meta=meta, data_sha256=prep["data_sha256"],
+               validation_sizes=prep["validation_sizes"])
     try:
-        from fedit.evaluation.plots import plot_loss
-
-        plot_loss(server.loss_curve(server.RunDir(run_dir)), run_dir / "loss.png")
+        server.plot_run(server.RunDir(run_dir))
     except Exception as e:  # a plot is not worth failing a finished run for
         log.warning("could not plot the loss curve: %s", e)
     log.info("run finished: %s", run_dir)
@@ -584,29 +666,34 @@ def serve(grid: Grid, rc: dict) -> Path:
 
 
 def prepare_server(cfg: Config) -> dict:
-    """Base model + seeded LoRA init (round 0 equals the simulation's), the held-out set, the manifest's ids.
+    """Base model + seeded LoRA init (round 0 equals the simulation's), the held-out set if the server holds
+    one, the manifest's ids and sizes if it has the manifest.
 
-    Unlike `fedit run` the server needs no client files: only the test file (for evaluation).
+    Unlike `fedit run` the server needs no client files, and no test file where the clients hold back
+    validation splits (data.client_validation): it may hold no data at all.
     """
     from fedit.data.batches import tokenize
-    from fedit.data.partition import fingerprint, read_manifest
+    from fedit.data.partition import fingerprint, read_manifest, validation_size
     from fedit.data.records import load_records
     from fedit.model import attach_lora, load_base
+    from fedit.runner import server_test_file
 
     sizes: dict[int, int] = {}
-    if cfg.data.clients_dir and (Path(cfg.data.clients_dir) / "manifest.json").is_file():
-        sizes = {c["id"]: c["examples"] for c in read_manifest(cfg.data.clients_dir)["clients"]}
-    test_file = cfg.data.test_file or (str(Path(cfg.data.clients_dir) / "test.jsonl") if cfg.data.clients_dir else "")
-    if cfg.eval.every and not (test_file and Path(test_file).is_file()):
-        raise FeditError(f"the server needs a held-out test file to evaluate ({test_file or 'data.test_file is unset'}"
-                         f" does not exist); set data.test_file, or eval.every = 0")
+    validation_sizes: dict[int, int] = {}
+    manifest = Path(cfg.data.clients_dir) / "manifest.json" if cfg.data.clients_dir else None
+    if manifest and manifest.is_file():
+        for c in read_manifest(cfg.data.clients_dir)["clients"]:
+            held = validation_size(c["examples"], cfg.data.client_validation)
+            sizes[c["id"]], validation_sizes[c["id"]] = c["examples"] - held, held
+    test_file = server_test_file(cfg, Path(cfg.data.clients_dir) if cfg.data.clients_dir else None)
     loaded = load_base(cfg.model)
     attach_lora(loaded, cfg.lora, cfg.federation.seed)
     test = None
-    if cfg.eval.every:
+    if test_file is not None:
         t = cfg.train
         test = tokenize(load_records(test_file).records, loaded.tokenizer, cfg.eval.cutoff_len or t.cutoff_len,
                         t.train_on_inputs, cfg.data.template)
-    seen = [Path(cfg.data.clients_dir) / "manifest.json"] if cfg.data.clients_dir else []  # clients' files are theirs
-    data_sha256 = fingerprint(seen + ([Path(test_file)] if test_file else []))
-    return {"loaded": loaded, "test": test, "manifest_ids": sorted(sizes), "sizes": sizes, "data_sha256": data_sha256}
+    seen = [manifest] if manifest else []  # the clients' own files are theirs
+    data_sha256 = fingerprint(seen + ([test_file] if test_file else []))
+    return {"loaded": loaded, "test": test, "manifest_ids": sorted(sizes), "sizes": sizes,
+            "validation_sizes": validation_sizes or None, "data_sha256": data_sha256}
