@@ -70,6 +70,12 @@ class FakeGrid:
                 elif how == "noquery":
                     content = RecordDict({})
                 out.append(Message(content, reply_to=m))
+            elif m.metadata.message_type == "evaluate":
+                ev = {"client-id": cid if how != "liar" else cid + 100, "examples": 3, "categories": ["a", "b"],
+                      "loss-sums": [6.0, 2.0 + cid], "tokens": [3, 2], "counts": [2, 1]}
+                if how == "malformed":  # lists of unequal length
+                    ev["tokens"] = [3]
+                out.append(Message(RecordDict({"evaluation": flower.ConfigRecord(ev)}), reply_to=m))
             elif how in ("ok", "liar", "collider"):
                 reply = flower.ConfigRecord({"client-id": cid if how != "liar" else cid + 100, "num-examples": 10 + cid})
                 # a client's metrics may use any name, the server's own field names included
@@ -145,6 +151,26 @@ def test_runtime_fails_clients_without_a_node_and_replies_from_the_wrong_client(
     assert [u.client_id for u in out if isinstance(u, Update)] == [0]
     assert "no connected SuperNode has client-id = 1" in failures[1]
     assert "no longer client 2" in failures[2]
+
+
+def test_evaluation_messages_decode_to_evaluations_or_failures():
+    from fedit.protocol import EvalIns, Evaluation
+
+    rt, adapter = _runtime({1: "malformed", 2: "liar"}, nodes={101: 0, 102: 1, 103: 2, 104: 3})
+    rt.nodes.refresh()
+    del rt.grid.nodes[104]  # client 3 left before the evaluation
+    out = list(rt.evaluate(2, [EvalIns(2, c, {"global": adapter}) for c in (0, 1, 2, 3)]))
+    evals = [e for e in out if isinstance(e, Evaluation)]
+    failures = {f.client_id: f.reason for f in out if isinstance(f, Failure)}
+    assert [(e.client_id, e.by_category, e.examples) for e in evals] == [(0, {"a": [6.0, 3, 2], "b": [2.0, 2, 1]},
+                                                                           3)]
+    assert "category lists differ in length" in failures[1]
+    assert "no longer client 2" in failures[2]
+    assert "no connected SuperNode has client-id = 3" in failures[3]
+    sent = [m for m in rt.grid.sent.values() if m.metadata.message_type == "evaluate"]
+    assert len(sent) == 3 and all(m.content["config"]["round"] == 2 for m in sent)
+    assert torch.equal(flower.content_to_fitins(sent[0].content).global_adapter["a.lora_A.weight"],
+                       adapter["a.lora_A.weight"])
 
 
 def test_a_malformed_who_are_you_answer_makes_a_node_unusable_not_the_server_crash():
@@ -462,6 +488,32 @@ def test_deployment_matches_in_process_simulation(deployment, tmp_path, tiny_mod
     for c in dep.events("client"):
         share = {"scaffold": 2}.get(strategy, 1) * (c.get("rank", 4) / 4)
         assert c["bytes_down"] == c["bytes_up"] == adapter_bytes * share, c
+
+
+def test_a_server_with_no_data_measures_the_run_on_the_sites_validation_splits(deployment, tmp_path,
+                                                                               tiny_model_dir):
+    """The server holds no partition, no manifest and no test file: only the sites' federated validation
+    measures the run, with the same figures as the in-process simulation on the same files."""
+    d = deployment
+    sections = {"federation": {"rounds": 2, "clients_per_round": 2, "max_examples": 100},
+                "data": {"client_validation": 0.25}, "run": {"keep_best": True}}
+    runner.run(tiny_config(tiny_model_dir, d.parts, tmp_path / "sim", eval={"test": False}, **sections))
+    cfg = tiny_config(tiny_model_dir, d.parts, tmp_path / "flower", **sections).replace(data={"clients_dir": ""})
+    run_id, status, lines = _launch(d, cfg)
+    assert status == "finished:completed", "\n".join(lines)
+    sim, dep = server.RunDir(tmp_path / "sim"), server.RunDir(tmp_path / "flower")
+    s_rows, d_rows = sim.events("round"), dep.events("round")
+    assert [r["clients"] for r in d_rows] == [r["clients"] for r in s_rows] == [[], [1, 2], [0, 2]]
+    assert all("eval" not in r for r in d_rows + s_rows)
+    for a, b in zip(s_rows, d_rows):  # every site scored its own 4 of 16 records, as in-process
+        va, vb = a["validation"], b["validation"]
+        assert vb["clients"] == 3 and vb["examples"] == va["examples"] == 12 and vb["tokens"] == va["tokens"]
+        assert vb["loss"] == pytest.approx(va["loss"], rel=1e-5)
+        assert vb["by_category"] == pytest.approx(va["by_category"], rel=1e-5)
+        assert vb["per_client"].keys() == va["per_client"].keys()
+    assert dep.read_state()["best"]["round"] == sim.read_state()["best"]["round"]
+    assert (tmp_path / "flower/best/adapter_model.safetensors").is_file()
+    assert (tmp_path / "flower/loss.png").is_file()
 
 
 def test_supernode_killed_mid_round_is_dropped_and_the_run_goes_on(deployment, tmp_path, tiny_model_dir):
