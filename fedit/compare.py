@@ -15,12 +15,14 @@ A rerun with the same --out reuses finished runs and resumes unfinished ones (as
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from pathlib import Path
 
 import numpy as np
 
 from fedit import config as config_mod
+from fedit import selection
 from fedit.checkpoint import atomic_write, atomic_write_json
 from fedit.config import Config
 from fedit.errors import FeditError
@@ -106,13 +108,19 @@ def strategy_configs(scale: Scale, strategies: list[str], config_file: str | Non
 
 def compare(scale_name: str, strategies: list[str], data: str = DEFAULT_DATA, out: str | None = None,
             config_file: str | None = None, overrides: list[str] | tuple[str, ...] = (), sets: list[str] = (),
-            console=None) -> Path:
+            console=None, grids: list[str] = (), select: bool = False) -> Path:
     from fedit.data.records import load_records
     from fedit.model import attach_lora, load_base
 
     if scale_name not in SCALES:
         raise FeditError(f"--scale {scale_name!r}: choose one of {', '.join(SCALES)}")
     scale = SCALES[scale_name]
+    if select:
+        return compare_selected(scale, strategies, data, out, config_file, list(overrides), list(sets), list(grids),
+                                console)
+    if grids:
+        raise FeditError("--grid gives the options --select chooses among on validation; add --select (or give one "
+                         "value per option with --set)")
     cfg, configs = strategy_configs(scale, strategies, config_file, list(overrides), list(sets))
     say = console.print if console is not None else (lambda *a, **k: None)
     out_dir = Path(out or f"runs/compare-{scale_name}")
@@ -143,6 +151,215 @@ def compare(scale_name: str, strategies: list[str], data: str = DEFAULT_DATA, ou
     plot(result, out_dir / "compare.png")
     say(f"wrote {out_dir / 'compare.md'}, {out_dir / 'compare.png'}, {out_dir / 'compare.json'}")
     return out_dir
+
+
+# ---------------------------------------------------------------- options chosen on validation
+
+def compare_selected(scale: Scale, strategies: list[str], data: str, out: str | None, config_file: str | None,
+                     overrides: list[str], sets: list[str], grids: list[str], console) -> Path:
+    """`fedit compare --select`: every candidate of every strategy's grid trained with no test data at the server,
+    each strategy's option chosen on federated validation loss and written down, then (only then) the chosen
+    runs and Centralized scored on the test split (fedit/selection.py)."""
+    from fedit.data.records import load_records
+    from fedit.model import attach_lora, load_base
+
+    cfg, configs = strategy_configs(scale, strategies, config_file, overrides, sets)
+    entries, per = parse_entries(strategies), parse_sets(sets, list(configs))
+    grid = selection.parse_grids(grids, list(configs))
+    amount = cfg.data.client_validation or 0.1
+    say = console.print if console is not None else (lambda *a, **k: None)
+    candidates: dict[str, dict[str, tuple[list[str], Config]]] = {}
+    problems = []
+    for label, name in entries.items():
+        for point in grid[label]:
+            try:  # the server reads no test data; each round's figure is the clients' validation loss
+                c = config_mod.load(config_file, [*overrides, f"federation.strategy={name}", *per[label], *point,
+                                                  "eval.test=false", f"data.client_validation={amount}"],
+                                    base=scale.config, base_name=f"{label} at the compare {scale.name} scale")
+                candidates.setdefault(label, {})[selection.candidate_name(label, point)] = (point, c)
+            except FeditError as e:
+                problems.append(str(e))
+    if problems:
+        raise FeditError("\n".join(problems))
+    out_dir = Path(out or f"runs/compare-{scale.name}-select")
+    started = time.perf_counter()
+    ds = build_data(load_records(data), scale, cfg.federation.seed, out_dir)
+    central_data = selection.training_union(ds.fedit, amount, cfg.data.seed, out_dir / "data" / "centralized-train")
+    say(f"data: {ds.sizes['fedit']['examples']} training records over {ds.sizes['fedit']['clients']} clients, each "
+        f"holding back {amount:g} of its records for validation; the test split ({ds.test_file}) is read only "
+        f"after every choice is written")
+    loaded = load_base(cfg.model)
+    attach_lora(loaded, cfg.lora, cfg.federation.seed)
+    runs = out_dir / "runs"
+    ccfg = cfg.replace(data={"clients_dir": str(central_data), "test_file": "", "client_validation": 0},
+                       eval={"every": 0}, run={"out": str(runs / "centralized")},
+                       federation={"rounds": 1, "clients_per_round": 1, "fraction": 0.0}, train={"local_epochs": 1.0})
+    train_or_reuse("centralized", ccfg, runs / "centralized", out_dir, loaded, console,
+                   "the clients' training splits, 1 epoch")
+    for label, cands in candidates.items():
+        for name, (point, c) in cands.items():
+            mcfg = method_config(c, "fedit", ds, runs).replace(run={"out": str(runs / name)})
+            same = mcfg.lora == cfg.lora and mcfg.model == cfg.model
+            train_or_reuse(name, mcfg, runs / name, out_dir, loaded if same else None, console,
+                           f"{mcfg.federation.rounds} rounds x {mcfg.federation.clients_per_round} clients"
+                           + (f", {', '.join(point)}" if point else ""))
+    # the choice, on validation alone, written down before the test split is opened
+    chosen = {}
+    for label, cands in candidates.items():
+        val = {name: _final_validation(runs / name) for name in cands}
+        chosen[label] = {"selected": selection.choose(val), "validation": val,
+                         "grid": {name: point for name, (point, _) in cands.items()}}
+    atomic_write_json(out_dir / "selection.json", {
+        "on": f"federated validation loss after the last round ({amount:g} of each client's records)",
+        "strategies": chosen})
+    say("chosen on validation: " + "; ".join(f"{label}: {c['selected']}" for label, c in chosen.items()))
+    result = _score_selected(out_dir, runs, ds.test_file, loaded, cfg, candidates, chosen, scale, data, amount)
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    atomic_write_json(out_dir / "compare.json", result)
+    atomic_write(out_dir / "compare.md", markdown_selected(result))
+    plot_selected(result, out_dir / "compare.png")
+    say(f"wrote {out_dir / 'compare.md'}, {out_dir / 'compare.png'}, {out_dir / 'compare.json'}, "
+        f"{out_dir / 'selection.json'}")
+    return out_dir
+
+
+def _final_validation(run_dir: Path) -> float:
+    from fedit import server
+
+    rows = server.RunDir(run_dir).events("round")
+    v = rows[-1].get("validation", {}) if rows else {}
+    if "loss" not in v:
+        raise FeditError(f"{run_dir}: its last round has no federated validation loss; it cannot be chosen on")
+    return v["loss"]
+
+
+def _score_selected(out_dir: Path, runs: Path, test_file: Path, loaded, cfg: Config, candidates: dict, chosen: dict,
+                    scale: Scale, data: str, amount) -> dict:
+    """Test figures, after the choice: base, Centralized, each chosen run per round, every candidate's last
+    round (for the record: how the choice on validation compares with what the test split would have said)."""
+    import hashlib
+
+    from fedit import server
+    from fedit.adapter import load_adapter_file
+    from fedit.data.batches import tokenize
+    from fedit.data.records import load_records
+    from fedit.evaluation.heldout import heldout_loss
+
+    t = cfg.train
+    test = tokenize(load_records(test_file).records, loaded.tokenizer, cfg.eval.cutoff_len or t.cutoff_len,
+                    t.train_on_inputs, cfg.data.template)
+    cache_file = out_dir / "test_scores.json"
+    test_sha = hashlib.sha256(test_file.read_bytes()).hexdigest()
+    cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
+    if cache.get("test_sha256") != test_sha:  # scores of another test split are not these
+        cache = {"test_sha256": test_sha}
+
+    def score(adapter_dir: Path | None) -> dict:
+        adapter = load_adapter_file(adapter_dir) if adapter_dir else loaded.initial_adapter
+        key = "base" if adapter_dir is None else hashlib.sha256(
+            (adapter_dir / "adapter_model.safetensors").read_bytes()).hexdigest()
+        if key not in cache:  # a rerun with the same --out scores nothing twice
+            cache[key] = heldout_loss(loaded, test, adapter, cfg.eval.batch_size, t.micro_batch_tokens)
+            atomic_write_json(cache_file, cache)
+        return cache[key]
+
+    base, central = score(None), score(runs / "centralized" / "adapter")
+    final = {name: score(runs / name / "adapter") for cands in candidates.values() for name in cands}
+    fedavg = final.get(chosen.get("fedavg", {}).get("selected"))
+    rows = {}
+    for label, c in chosen.items():
+        name = c["selected"]
+        rd = server.RunDir(runs / name)
+        val_curve = [[r, e["loss"]] for r, e in server.loss_curve(rd, "validation")]
+        test_curve = [[r, score(rd.round_dir(r))["loss"]] for r, _ in val_curve]
+        point, mcfg = candidates[label][name]
+        rows[label] = {
+            "strategy": mcfg.federation.strategy, "selected": name, "settings": point,
+            "options": dataclasses.asdict(mcfg.strategy), "validation": c["validation"][name],
+            "candidates": {n: {"settings": c["grid"][n], "validation": v, "test": final[n]["loss"]}
+                           for n, v in c["validation"].items()},
+            "validation_curve": val_curve, "curve": test_curve,
+            "rounds_tau": selection.kendall_tau([v for _, v in val_curve], [x for _, x in test_curve]),
+            **scored(final[name], central, fedavg if label != "fedavg" else None, base),
+            **traffic(rd.events("client"), len(val_curve) - 1),
+        }
+    every = [(v, final[n]["loss"]) for c in chosen.values() for n, v in c["validation"].items()]
+    return {"mode": "select", "scale": scale.name, "data": data, "test_records": len(test),
+            "test_per_category": scale.test_per_category, "client_validation": amount,
+            "config": cfg.to_dict(),
+            "base": {"loss": base["loss"], "by_category": base["by_category"]},
+            "centralized": {"loss": central["loss"], "by_category": central["by_category"]},
+            "strategies": rows,
+            "strategies_tau": selection.kendall_tau([r["validation"] for r in rows.values()],
+                                                    [r["loss"] for r in rows.values()]),
+            "candidates_tau": selection.kendall_tau([v for v, _ in every], [x for _, x in every])}
+
+
+def markdown_selected(res: dict) -> str:
+    cats = sorted(res["base"]["by_category"])
+    ci = lambda g, lo, hi: f"{100 * g:+.2f}% ({100 * lo:+.2f}, {100 * hi:+.2f})"  # noqa: E731
+    tau = lambda x: "n/a" if x is None else f"{x:+.2f}"  # noqa: E731
+    has_vs = any(r["vs_fedavg"] for r in res["strategies"].values())
+    head = ["method", "chosen option", "validation loss", "test loss", "gap to Centralized (95% CI)",
+            *(["vs FedAvg (95% CI)"] if has_vs else []), *[c.replace("_", " ") for c in cats]]
+    rows = [["base (untuned)", "", "", report.fmt(res["base"]["loss"]), "", *([""] if has_vs else []),
+             *[report.fmt(res["base"]["by_category"][c], 3) for c in cats]],
+            ["centralized", "", "", report.fmt(res["centralized"]["loss"]), "", *([""] if has_vs else []),
+             *[report.fmt(res["centralized"]["by_category"].get(c, float("nan")), 3) for c in cats]]]
+    for label, r in res["strategies"].items():
+        rows.append([label, ", ".join(s.split(".", 1)[1] for s in r["settings"]) or "(its defaults)",
+                     report.fmt(r["validation"]), report.fmt(r["loss"]), ci(r["gap"], r["gap_low"], r["gap_high"]),
+                     *([ci(*r["vs_fedavg"]) if r["vs_fedavg"] else ""] if has_vs else []),
+                     *[report.fmt(r["by_category"].get(c, float("nan")), 3) for c in cats]])
+    cand_rows = [[label, ", ".join(s.split(".", 1)[1] for s in v["settings"]) or "(its defaults)",
+                  report.fmt(v["validation"]), report.fmt(v["test"]), "chosen" if n == r["selected"] else ""]
+                 for label, r in res["strategies"].items() for n, v in r["candidates"].items()]
+    c = res["config"]
+    return "\n".join([
+        f"# Federated algorithms compared, options chosen on validation ({res['scale']} scale)", "",
+        f"Data `{res['data']}`; {c['federation']['rounds']} rounds x {c['federation']['clients_per_round']} "
+        f"clients, batch {c['train']['batch_size']}, lr {c['train']['lr']:g}, LoRA r={c['lora']['r']}, seed "
+        f"{c['federation']['seed']}. Each client held back {res['client_validation']:g} of its records for "
+        f"validation; every candidate trained with no test data at the server, and each strategy's option was "
+        f"chosen by the clients' federated validation loss after the last round (selection.json) before the "
+        f"{res['test_records']} test records ({res['test_per_category']} per category) were read. Centralized "
+        f"trained one epoch on the clients' training splits. Total {res['seconds'] / 60:.1f} min.", "",
+        report.table(head, rows), "",
+        "Every candidate (the test column was computed after the choice and chose nothing):", "",
+        report.table(["strategy", "option", "validation loss", "test loss", ""], cand_rows), "",
+        f"Do validation and test agree? Kendall τ between the two losses: over the chosen strategies "
+        f"{tau(res['strategies_tau'])}, over every candidate {tau(res['candidates_tau'])}, over the rounds of each "
+        f"chosen run: " + ", ".join(f"{label} {tau(r['rounds_tau'])}" for label, r in res["strategies"].items())
+        + " (1: the same order).", "",
+        "Loss per round, validation (left) and test (right, scored after the choice): ![compare](compare.png)", ""])
+
+
+def plot_selected(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    cmap = plt.get_cmap("tab10")
+    for ax, key, title in ((axes[0], "validation_curve", "validation (federated): what chose"),
+                           (axes[1], "curve", f"test ({res['test_records']} records): scored after the choice")):
+        for i, (name, r) in enumerate(res["strategies"].items()):
+            xs, ys = zip(*r[key])
+            ax.plot(xs, ys, marker="o", ms=3, lw=1.8, color=cmap(i % 10), label=name)
+        if key == "curve":
+            ax.axhline(res["centralized"]["loss"], color="black", ls="--", lw=1.2, label="centralized (1 epoch)")
+            ax.axhline(res["base"]["loss"], color="grey", ls=":", lw=1.2, label="base model")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("round (0 = base model)")
+        ax.set_ylabel("loss per response token")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 # ---------------------------------------------------------------- numbers
@@ -181,33 +398,43 @@ def summarise(runs: Path, strategies: list[str], configs: dict[str, Config], sca
     for name in strategies:
         rounds = _rounds(runs / name)
         final = rounds[-1]["eval"]
-        gap, lo, hi = bootstrap_gap(final["examples"], central_final["examples"])
-        # the question a researcher asks: did it beat FedAvg? (paired on the same records)
-        vs = bootstrap_gap(final["examples"], fedavg["examples"]) if fedavg and name != "fedavg" else None
         clients = server.RunDir(runs / name).events("client")
-        done = [r for r in rounds if r["round"] > 0]
         rows[name] = {
             "strategy": configs[name].federation.strategy,
             "options": dataclasses.asdict(configs[name].strategy),
             "settings": (sets or {}).get(name, []),
-            "bytes_per_client_by_rank": {str(r): t["bytes_down"] + t["bytes_up"]
-                                         for r, t in server.traffic_by_rank(clients).items()},
             "curve": [[r["round"], r["eval"]["loss"]] for r in rounds],
-            "loss": final["loss"], "by_category": final["by_category"],
-            "gap": gap, "gap_low": lo, "gap_high": hi,
-            "vs_fedavg": list(vs) if vs else None,
-            "vs_fedavg_by_category": {c: v / fedavg["by_category"][c] - 1 for c, v in final["by_category"].items()
-                                      if c in fedavg["by_category"]} if vs else None,
-            "vs_base": final["loss"] / base["loss"] - 1,
-            "bytes_per_round": sum((c.get("bytes_down") or 0) + (c.get("bytes_up") or 0) for c in clients
-                                   if c.get("accepted")) / max(1, len(done)),
-            "train_seconds": round(sum(c.get("metrics", {}).get("seconds", 0.0) for c in clients), 1),
+            **scored(final, central_final, fedavg if name != "fedavg" else None, base),
+            **traffic(clients, len([r for r in rounds if r["round"] > 0])),
         }
     return {"scale": scale.name, "data": data, "test_records": len(central_final["examples"]),
             "test_per_category": scale.test_per_category, "config": configs[strategies[0]].to_dict(),
             "base": {"loss": base["loss"], "by_category": base["by_category"]},
             "centralized": {"loss": central_final["loss"], "by_category": central_final["by_category"]},
             "strategies": rows, "seconds": round(seconds, 1)}
+
+
+def scored(final: dict, central: dict, fedavg: dict | None, base: dict) -> dict:
+    """A run's test figures against Centralized and FedAvg, each gap with its paired bootstrap interval."""
+    gap, lo, hi = bootstrap_gap(final["examples"], central["examples"])
+    # the question a researcher asks: did it beat FedAvg? (paired on the same records)
+    vs = bootstrap_gap(final["examples"], fedavg["examples"]) if fedavg else None
+    return {"loss": final["loss"], "by_category": final["by_category"], "gap": gap, "gap_low": lo, "gap_high": hi,
+            "vs_fedavg": list(vs) if vs else None,
+            "vs_fedavg_by_category": {c: v / fedavg["by_category"][c] - 1 for c, v in final["by_category"].items()
+                                      if c in fedavg["by_category"]} if vs else None,
+            "vs_base": final["loss"] / base["loss"] - 1}
+
+
+def traffic(clients: list[dict], rounds: int) -> dict:
+    """Bytes a run moved (per round, per client by LoRA rank) and its clients' training time."""
+    from fedit import server
+
+    return {"bytes_per_client_by_rank": {str(r): t["bytes_down"] + t["bytes_up"]
+                                         for r, t in server.traffic_by_rank(clients).items()},
+            "bytes_per_round": sum((c.get("bytes_down") or 0) + (c.get("bytes_up") or 0) for c in clients
+                                   if c.get("accepted")) / max(1, rounds),
+            "train_seconds": round(sum(c.get("metrics", {}).get("seconds", 0.0) for c in clients), 1)}
 
 
 def markdown(res: dict) -> str:

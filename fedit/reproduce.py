@@ -306,7 +306,8 @@ def train_or_reuse(name: str, mcfg: Config, run_dir: Path, out_dir: Path, loaded
                          f"delete {out_dir}")
     run_json = run_dir / "run.json"
     trained_on = json.loads(run_json.read_text()).get("data_sha256") if run_json.is_file() else None
-    if trained_on and trained_on != partition.partition_sha256(mcfg.data.clients_dir, mcfg.data.test_file or None):
+    clients_dir = Path(mcfg.data.clients_dir)
+    if trained_on and trained_on != runner.data_fingerprint(clients_dir, runner.server_test_file(mcfg, clients_dir)):
         raise FeditError(f"{run_dir} holds a {name} run trained on other data than --data gives now; choose "
                          f"another --out or delete {out_dir}")
     if (run_dir / "adapter" / "adapter_config.json").is_file():

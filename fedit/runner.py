@@ -110,8 +110,12 @@ def prepare(cfg: Config, loaded: Loaded | None = None, run_dir: Path | None = No
         say(partition.validation_line(d.client_validation, [c["examples"] for c in clients.manifest["clients"]]))
     if test is None:
         say("the server holds no test set: every figure is the clients' federated validation loss")
-    return Prepared(loaded, clients, test, partition.partition_sha256(clients_dir, test_file, test=test_file is not None),
-                    test_file)
+    return Prepared(loaded, clients, test, data_fingerprint(clients_dir, test_file), test_file)
+
+
+def data_fingerprint(clients_dir: Path, test_file: Path | None) -> str:
+    """sha256 of the files a run reads: its clients' and, where the server holds one, its test file."""
+    return partition.partition_sha256(clients_dir, test_file, test=test_file is not None)
 
 
 def run_metadata(cfg: Config, loaded: Loaded) -> dict:

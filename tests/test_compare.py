@@ -113,3 +113,82 @@ def test_smoke_comparison(tmp_path, tiny_model_dir, records_file):
     compare.compare("smoke", ["fedavg", "fedprox", "scaffold", "mixed=fedavg"], console=Say(), **args)
     assert stamp == {n: (runs / n / "state.json").stat().st_mtime_ns for n in res["strategies"]}
     assert sum("reusing the finished run" in line for line in lines) == 5
+
+
+def test_grids_multiply_into_candidates_and_bad_grids_say_why():
+    from fedit import selection
+
+    got = selection.parse_grids(["fedprox:strategy.proximal_mu=0.01,0.1", "fedprox:train.lr=1e-3,1e-2",
+                                 "mixed:lora.client_ranks=[2,4],[4,8]"], ["fedavg", "fedprox", "mixed"])
+    assert got["fedavg"] == [[]]
+    assert got["fedprox"] == [["strategy.proximal_mu=0.01", "train.lr=1e-3"], ["strategy.proximal_mu=0.01", "train.lr=1e-2"],
+                              ["strategy.proximal_mu=0.1", "train.lr=1e-3"], ["strategy.proximal_mu=0.1", "train.lr=1e-2"]]
+    assert got["mixed"] == [["lora.client_ranks=[2,4]"], ["lora.client_ranks=[4,8]"]]
+    assert selection.candidate_name("fedprox", got["fedprox"][1]) == "fedprox__proximal_mu=0.01__lr=1e-2"
+    for bad, why in [("fedprox:proximal_mu=0.1", "must look like"), ("fedadam:strategy.eta=1", "not among"),
+                     ("fedprox:strategy.proximal_mu=0.1,0.1", "distinct"),
+                     ("fedprox:strategy.proximal_mu=", "must look like")]:
+        with pytest.raises(FeditError, match=why):
+            selection.parse_grids([bad], ["fedavg", "fedprox"])
+    with pytest.raises(FeditError, match="twice"):
+        selection.parse_grids(["fedprox:strategy.proximal_mu=1,2", "fedprox:strategy.proximal_mu=3"], ["fedprox"])
+
+
+def test_kendall_tau_by_hand():
+    from fedit import selection
+
+    assert selection.kendall_tau([1, 2, 3], [10, 20, 30]) == 1.0
+    assert selection.kendall_tau([1, 2, 3], [30, 20, 10]) == -1.0
+    # pairs (1,2) concordant, (1,3) concordant, (2,3) discordant: (2 - 1) / 3
+    assert selection.kendall_tau([1, 2, 3], [1, 3, 2]) == pytest.approx(1 / 3)
+    assert selection.kendall_tau([1], [1]) is None
+
+
+def test_select_chooses_on_validation_and_reads_the_test_split_only_afterwards(tmp_path, tiny_model_dir,
+                                                                               records_file, monkeypatch):
+    import builtins
+    import io
+
+    events: list[str] = []
+    real_open = io.open
+
+    def watching_open(file, mode="r", *a, **k):
+        name = str(file)
+        if name.endswith("test.jsonl") and "r" in mode:
+            events.append("read test")
+        if "selection.json" in name and ("w" in mode or "a" in mode):
+            events.append("wrote selection")
+        return real_open(file, mode, *a, **k)
+
+    monkeypatch.setattr(io, "open", watching_open)
+    monkeypatch.setattr(builtins, "open", watching_open)
+    out = tmp_path / "sel"
+    compare.compare("smoke", ["fedavg", "fedprox"], data=str(records_file), out=str(out), select=True,
+                    grids=["fedavg:strategy.server_learning_rate=0.5,1.5", "fedprox:strategy.proximal_mu=0.1,3"],
+                    overrides=[f"model.name={tiny_model_dir}", "model.dtype=fp32", "model.device=cpu", "lora.r=4",
+                               "run.progress=false", "data.client_validation=0.2"])
+    assert "wrote selection" in events
+    assert "read test" in events and events.index("read test") > events.index("wrote selection"), events
+    chosen = json.loads((out / "selection.json").read_text())["strategies"]
+    runs = out / "runs"
+    for label, names in {"fedavg": ["fedavg__server_learning_rate=0.5", "fedavg__server_learning_rate=1.5"],
+                         "fedprox": ["fedprox__proximal_mu=0.1", "fedprox__proximal_mu=3"]}.items():
+        val = {}
+        for n in names:
+            rows = server.RunDir(runs / n).events("round")
+            assert all("eval" not in r for r in rows)  # no candidate was scored on the test split while training
+            val[n] = rows[-1]["validation"]["loss"]
+        assert chosen[label]["validation"] == val
+        assert chosen[label]["selected"] == min(val, key=val.get)
+    res = json.loads((out / "compare.json").read_text())
+    for label, r in res["strategies"].items():
+        assert r["selected"] == chosen[label]["selected"]
+        assert [x for x, _ in r["curve"]] == [x for x, _ in r["validation_curve"]] == [0, 1, 2]
+        assert r["candidates"][r["selected"]]["test"] == r["loss"]
+    assert res["strategies"]["fedavg"]["options"]["server_learning_rate"] in (0.5, 1.5)
+    # Centralized trained on the clients' training splits only: no validation record in its data
+    central = (out / "data/centralized-train/client_000.jsonl").read_text().splitlines()
+    assert len(central) == sum(c["train"] for c in json.loads(
+        (runs / chosen["fedavg"]["selected"] / "run.json").read_text())["client_splits"].values())
+    md = (out / "compare.md").read_text()
+    assert "chosen" in md and "read" in md and chosen["fedprox"]["selected"].split("__")[1] in md.replace(" ", "")

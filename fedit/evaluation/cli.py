@@ -65,7 +65,15 @@ def add_parsers(sub) -> None:
     pc.add_argument("--set", action="append", default=[], metavar="STRATEGY:section.key=value", dest="sets",
                     help="an override for one strategy (or label) only, e.g. fedprox:strategy.proximal_mu=0.1 "
                          "(repeatable)")
-    pc.add_argument("--out", default=None, help="output directory (default: runs/compare-SCALE)")
+    pc.add_argument("--select", action="store_true",
+                    help="choose each strategy's options on the clients' federated validation loss "
+                         "(data.client_validation, default 0.1 here), with no test data at the server; the test "
+                         "split is read only after the choice is written (selection.json)")
+    pc.add_argument("--grid", action="append", default=[], metavar="STRATEGY:section.key=v1,v2,...", dest="grids",
+                    help="with --select: the values to choose among for one option of one strategy (or label), "
+                         "e.g. fedprox:strategy.proximal_mu=0.001,0.01,0.1; several grids of one strategy multiply")
+    pc.add_argument("--out", default=None, help="output directory (default: runs/compare-SCALE, or "
+                                                "runs/compare-SCALE-select)")
     pc.add_argument("--config", default=None, help="TOML file applied over the scale's settings")
     pc.add_argument("overrides", nargs="*", metavar="section.key=value", help="applied to every strategy")
 
@@ -100,7 +108,7 @@ def compare_command(args: argparse.Namespace, console) -> None:
 
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     compare.compare(args.scale, strategies, data=args.data or DEFAULT_DATA, out=args.out, config_file=args.config,
-                    overrides=args.overrides, sets=args.sets, console=console)
+                    overrides=args.overrides, sets=args.sets, console=console, grids=args.grids, select=args.select)
 
 
 COMMANDS = {"eval": eval_command, "reproduce": reproduce_command, "compare": compare_command}
