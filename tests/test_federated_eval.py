@@ -319,3 +319,54 @@ def test_simulation_evaluation_equals_scoring_the_union_of_the_splits(tmp_path, 
     assert row["validation"]["by_category"] == pytest.approx(direct["by_category"], rel=1e-6)
     assert row["validation"]["tokens"] == direct["tokens"] and row["eval"]["loss"] != row["validation"]["loss"]
     assert not math.isnan(row["eval"]["loss"])  # the server's test set is still scored beside it
+
+
+# ---------------------------------------------------------------- personalization
+
+def test_personalize_measures_three_adapters_per_client_and_saves_peft_directories(tmp_path, tiny_model_dir,
+                                                                                   no_test_partition):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from fedit.evaluation.heldout import heldout_loss
+    from fedit.personalize import personalize
+
+    cfg = tiny_config(tiny_model_dir, no_test_partition, tmp_path / "run", data={"client_validation": 0.2},
+                      federation={"rounds": 2})
+    prep = runner.prepare(cfg)
+    runner.run(cfg, loaded=prep.loaded)
+    personalize(tmp_path / "run", ["personalize.steps=3", "personalize.clients=2"], loaded=prep.loaded)
+    res = json.loads((tmp_path / "run/personalize.json").read_text())
+    rows = res["clients"]
+    assert len(rows) == 2 and res["measured"] == 2
+    final = load_adapter_file(tmp_path / "run/adapter")
+    for r in rows:
+        val = prep.clients.validation_examples(r["client"])
+        assert (r["train"], r["validation"]) == (12, 4)
+        # global: the run's final adapter on the client's own validation split, scored directly here
+        assert r["global"] == pytest.approx(heldout_loss(prep.loaded, val, final, 4)["loss"], rel=1e-9)
+        assert r["base"] == pytest.approx(heldout_loss(prep.loaded, val, prep.loaded.initial_adapter, 4)["loss"])
+        mine = load_adapter_file(tmp_path / f"run/personalized/client_{r['client']:05d}")
+        assert r["personalized"] == pytest.approx(heldout_loss(prep.loaded, val, mine, 4)["loss"], rel=1e-9)
+        assert any(not torch.equal(mine[k], final[k]) for k in final)  # three steps moved it
+        # at lr 1e-2 on the client's own data every adapter improves on the untuned model
+        assert max(r["local_only"], r["global"], r["personalized"]) < r["base"]
+    assert res["global_beats_local"] == sum(r["global"] < r["local_only"] for r in rows)
+    # a personalized adapter is a PEFT directory
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                                      tmp_path / f"run/personalized/client_{rows[0]['client']:05d}")
+    assert model.peft_config["default"].r == 4
+    assert (tmp_path / "run/personalize.png").stat().st_size and "local-only" in (
+        tmp_path / "run/personalize.md").read_text()
+
+
+def test_personalize_refuses_a_run_without_validation_splits_and_settings_of_the_run(tmp_path, tiny_model_dir,
+                                                                                    partition_dir):
+    from fedit.personalize import personalize
+
+    cfg = tiny_config(tiny_model_dir, partition_dir, tmp_path / "run", federation={"rounds": 1})
+    runner.run(cfg)
+    with pytest.raises(FeditError, match="held back no validation split"):
+        personalize(tmp_path / "run")
+    with pytest.raises(FeditError, match="only \\[personalize\\] keys"):
+        personalize(tmp_path / "run", ["train.lr=1"])

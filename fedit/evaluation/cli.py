@@ -76,6 +76,26 @@ def add_parsers(sub) -> None:
                                                 "runs/compare-SCALE-select)")
     pc.add_argument("--config", default=None, help="TOML file applied over the scale's settings")
     pc.add_argument("overrides", nargs="*", metavar="section.key=value", help="applied to every strategy")
+    add_personalize(sub)
+
+
+def add_personalize(sub) -> None:
+    pp = sub.add_parser(
+        "personalize", help="per client: the global adapter vs the client's local-only model vs a few local steps "
+                            "on top, on the client's own validation split",
+        description="For each client of a finished run made with data.client_validation: the validation loss of the "
+                    "final global adapter, of it fine-tuned for personalize.steps steps on the client's training "
+                    "split (saved in RUN/personalized/client_N), and of an adapter trained on the client's data "
+                    "alone from the base model (personalize.local_epochs); writes personalize.md, .png and .json.")
+    pp.add_argument("--run", required=True, metavar="RUN_DIR", help="the run.out of a finished run")
+    pp.add_argument("overrides", nargs="*", metavar="personalize.key=value",
+                    help="e.g. personalize.steps=20 personalize.clients=10 (see fedit run --help-config)")
+
+
+def personalize_command(args: argparse.Namespace, console) -> None:
+    from fedit.personalize import personalize
+
+    personalize(args.run, args.overrides, console=console)
 
 
 def eval_command(args: argparse.Namespace, console) -> None:
@@ -111,4 +131,5 @@ def compare_command(args: argparse.Namespace, console) -> None:
                     overrides=args.overrides, sets=args.sets, console=console, grids=args.grids, select=args.select)
 
 
-COMMANDS = {"eval": eval_command, "reproduce": reproduce_command, "compare": compare_command}
+COMMANDS = {"eval": eval_command, "reproduce": reproduce_command, "compare": compare_command,
+            "personalize": personalize_command}
