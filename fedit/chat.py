@@ -37,17 +37,39 @@ Either way the oldest turns are dropped first when the prompt would exceed the
 token budget (the run's ``train.cutoff_len``, at least 512), and an answer ends
 where the model starts a new ``### `` section of its own.
 
+Bounded work per message. Before anything is tokenized, at most
+``max_prompt_tokens // 4`` earlier turns are looked at (a turn costs at least
+4 tokens in either template, so older ones could not fit) and at most
+``16 * max_prompt_tokens`` characters of message and turns (a message longer
+than that is refused); the turns that pass are then fitted to the token budget
+by a bisection over how many of the oldest to drop: at most
+1 + log2(turns + 1) tokenizations of a bounded text, where dropping one turn
+at a time re-tokenized the whole prompt once per dropped turn. Prompt building
+and generation run under the one lock (the tokenizer is shared and not safe
+for concurrent use).
+
 The web page (``chat_web.html``) is served by the standard library's
-http.server; ``POST /api/chat`` streams the answer as server-sent events.
+http.server; ``POST /api/chat`` streams the answer as server-sent events. The
+server is for this machine only: it answers only requests whose ``Host`` (and
+``Origin``, when a browser sends one) names the address it is bound to, so a
+web page from another site cannot drive it or read it, not even through DNS
+rebinding; a chat request must be ``application/json`` with a valid
+``Content-Length`` of at most ``MAX_BODY`` bytes, and the whole request must
+arrive within ``ChatServer.request_timeout`` seconds.
 """
 
 from __future__ import annotations
 
 import errno
+import io
+import ipaddress
 import json
+import re
 import signal
+import socket
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -93,40 +115,100 @@ class Chat:
     info: dict = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
+    # A turn is at least this many tokens in either template (the alpaca markers alone are
+    # more; a chat template's role markers too), so more turns than budget // this cannot fit.
+    MIN_TOKENS_PER_TURN = 4
+    # Far more characters than a token ever stands for in running text (about 4 in English):
+    # text beyond budget * this cannot fit, so it is cut before any tokenizer sees it.
+    MAX_CHARS_PER_TOKEN = 16
+
     @property
     def stop(self) -> tuple[str, ...]:
         return stops(self.template)
 
+    @property
+    def max_turns(self) -> int:
+        """Earlier turns looked at per message; older ones are dropped unread."""
+        return max(1, self.max_prompt_tokens // self.MIN_TOKENS_PER_TURN)
+
+    @property
+    def max_chars(self) -> int:
+        """Characters of message + earlier turns looked at per message; a longer message is refused."""
+        return self.MAX_CHARS_PER_TOKEN * self.max_prompt_tokens
+
+    def bounded(self, history: Sequence[Turn], message: str) -> tuple[list[Turn], int]:
+        """(the newest turns within ``max_turns`` and ``max_chars``, how many older ones were cut).
+
+        No tokenization: this is the cheap first cut, and where a too-long message is refused
+        (FeditError)."""
+        if len(message) > self.max_chars:
+            raise FeditError(f"the message is {len(message)} characters; this chat takes at most "
+                             f"{self.max_chars} ({self.MAX_CHARS_PER_TOKEN} x its prompt budget of "
+                             f"{self.max_prompt_tokens} tokens): shorten it")
+        if self.template not in ("alpaca", "chat"):
+            raise FeditError(f"unknown template {self.template!r}; use --template alpaca or chat")
+        chars, kept = len(message), 0
+        for user, answer in reversed(history[-self.max_turns:]):
+            chars += len(user) + len(answer)
+            if chars > self.max_chars:
+                break
+            kept += 1
+        return list(history[len(history) - kept:]), len(history) - kept
+
+    def _text(self, history: Sequence[Turn], message: str) -> str:
+        if self.template == "alpaca":
+            return alpaca_chat_prompt(history, message)
+        return chat_template_prompt(history, message, self.loaded.tokenizer)
+
+    def _fits(self, text: str) -> bool:
+        ids = self.loaded.tokenizer(text, add_special_tokens=self.template != "chat")["input_ids"]
+        return len(ids) <= self.max_prompt_tokens
+
     def prompt(self, history: Sequence[Turn], message: str) -> tuple[str, int]:
-        """(prompt, number of oldest turns dropped to fit ``max_prompt_tokens``)."""
-        history = list(history)
-        for dropped in range(len(history) + 1):
-            kept = history[dropped:]
-            if self.template == "alpaca":
-                text = alpaca_chat_prompt(kept, message)
-            elif self.template == "chat":
-                text = chat_template_prompt(kept, message, self.loaded.tokenizer)
+        """(prompt, number of oldest turns dropped to fit ``max_prompt_tokens``).
+
+        The oldest turns are dropped first; the message itself is always kept, alone when even
+        it does not fit (it is at most ``max_chars`` characters: ``bounded``)."""
+        kept, cut = self.bounded(list(history), message)
+        n, text = len(kept), self._text(kept, message)
+        if not n or self._fits(text):
+            return text, cut
+        # Bisect on d = turns dropped, with "d - 1 does not fit" and "d fits or d = n" kept
+        # true at the ends: the answer is the fewest drops that fit, found in log2(n + 1)
+        # tokenizations instead of one per dropped turn.
+        lo, hi = 1, n
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if self._fits(self._text(kept[mid:], message)):
+                hi = mid
             else:
-                raise FeditError(f"unknown template {self.template!r}; use --template alpaca or chat")
-            if not kept or len(self.loaded.tokenizer(text)["input_ids"]) <= self.max_prompt_tokens:
-                return text, dropped
-        raise AssertionError("unreachable")
+                lo = mid + 1
+        return self._text(kept[lo:], message), cut + lo
 
     def _settings(self) -> dict:
         return {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample,
                 "temperature": self.temperature, "top_p": self.top_p, "stop": self.stop,
                 "add_special_tokens": self.template != "chat"}
 
-    def stream(self, history: Sequence[Turn], message: str) -> Iterator[str]:
-        """The answer to ``message`` after ``history``, piece by piece."""
-        text, _ = self.prompt(history, message)
+    def _pieces(self, text: str) -> Iterator[str]:
+        """The model's answer to a finished prompt, piece by piece (the one place that runs it)."""
+        return stream(self.loaded, text, **self._settings())
+
+    def stream(self, history: Sequence[Turn], message: str,
+               on_prompt: Callable[[int], None] | None = None) -> Iterator[str]:
+        """The answer to ``message`` after ``history``, piece by piece.
+
+        ``on_prompt(dropped)`` is called once the prompt is built, before the first piece."""
         with self._lock:
-            yield from stream(self.loaded, text, **self._settings())
+            text, dropped = self.prompt(history, message)
+            if on_prompt:
+                on_prompt(dropped)
+            yield from self._pieces(text)
 
     def reply(self, history: Sequence[Turn], message: str) -> str:
         """The whole answer at once (what the joined pieces of ``stream`` equal)."""
-        text, _ = self.prompt(history, message)
         with self._lock:
+            text, _ = self.prompt(history, message)
             return generate(self.loaded, [text], batch_size=1, **self._settings())[0]
 
 
@@ -182,6 +264,11 @@ def terminal_chat(chat: Chat, stdin: TextIO | None = None, stdout: TextIO | None
         if message.startswith("/"):
             say(f"unknown command {message.split()[0]}; {HELP}\n")
             continue
+        try:
+            chat.bounded(history, message)
+        except FeditError as e:  # a message too long for the prompt: say so, keep the conversation
+            say(f"{e}\n")
+            continue
         say("bot> ")
         pieces: list[str] = []
         answer = chat.stream(history, message)
@@ -222,6 +309,37 @@ def parse_chat_request(body: bytes) -> tuple[list[Turn], str]:
     return [(u, a) for u, a in history], data["message"].strip()
 
 
+class _DeadlineReader(io.RawIOBase):
+    """The socket's receiving side with one deadline for the whole request: each read waits at
+    most until then, so a client that sends nothing, or trickles a byte now and then, is cut off
+    (a per-read timeout alone would let a byte every few seconds hold the connection forever)."""
+
+    def __init__(self, sock: socket.socket, deadline: float):
+        self.sock, self.deadline = sock, deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the request did not arrive in time")
+        self.sock.settimeout(left)
+        return self.sock.recv_into(buffer)
+
+
+_HOST = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(?::([0-9]{1,5}))?")
+_DIGITS = re.compile(r"[0-9]{1,20}")
+
+
+def _authority(value: str) -> tuple[str, int] | None:
+    """``host[:port]`` as (lower-case host without brackets, port; 80 when absent), None if malformed."""
+    m = _HOST.fullmatch(value.strip())
+    if not m:
+        return None
+    return m.group(1).strip("[]").lower(), int(m.group(2) or 80)
+
+
 class Handler(BaseHTTPRequestHandler):
     """The page, ``GET /api/info`` and ``POST /api/chat`` (server-sent events) for ``self.server.chat``."""
 
@@ -231,18 +349,86 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, format, *args):  # quiet: the terminal shows the URL, not every request
         pass
 
+    def setup(self) -> None:
+        super().setup()
+        self.rfile.close()  # the stream makefile() made: its reference would keep the socket open
+        self.rfile = io.BufferedReader(
+            _DeadlineReader(self.connection, time.monotonic() + self.server.request_timeout))
+        self._body_unread = False
+
+    def parse_request(self) -> bool:
+        ok = super().parse_request()
+        # the reader set the socket's timeout to what is left of the request's deadline: a
+        # reply (or the body, read next) gets its own request_timeout per operation
+        self.connection.settimeout(self.server.request_timeout)
+        return ok
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        finally:
+            if self._body_unread:
+                self._drain()
+
+    def _drain(self) -> None:
+        """After an early refusal: read (a bounded amount of) what the client still sends, so that
+        closing with unread data does not reset the connection before it has read the refusal."""
+        try:
+            self.connection.shutdown(socket.SHUT_WR)
+            deadline, left = time.monotonic() + 2.0, 4 * MAX_BODY
+            while left > 0 and time.monotonic() < deadline:
+                self.connection.settimeout(max(deadline - time.monotonic(), 0.01))
+                chunk = self.connection.recv(min(left, 1 << 16))
+                if not chunk:
+                    break
+                left -= len(chunk)
+        except OSError:
+            pass
+
     def _send(self, status: int, body: bytes, ctype: str) -> None:
         self.send_response(status)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
+        self._common_headers()
         self.end_headers()
         self.wfile.write(body)
+
+    def _common_headers(self) -> None:
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        # no other site may frame the page (clicks on a hidden chat)
+        self.send_header("X-Frame-Options", "DENY")
+        self.send_header("Content-Security-Policy", "frame-ancestors 'none'")
 
     def _json(self, status: int, obj) -> None:
         self._send(status, json.dumps(obj).encode(), "application/json")
 
+    def _refuse(self, status: int, message: str) -> None:
+        self._json(status, {"error": message})
+
+    def _same_origin(self) -> bool:
+        """Host names the bound address (or localhost on a loopback or wildcard bind), and Origin,
+        when present, is that same host: else refused with 403. A page of another site cannot
+        pass: its requests carry its own Origin, and through DNS rebinding its own host name."""
+        hosts = self.headers.get_all("Host") or []
+        host = _authority(hosts[0]) if len(hosts) == 1 else None
+        if host is None or not self.server.host_allowed(*host):
+            shown = ", ".join(hosts)[:100] or "(none)"
+            self._refuse(HTTPStatus.FORBIDDEN, f"Host {shown} is not this server's address "
+                                               f"{url_of(self.server)}: open the chat at that address")
+            return False
+        origin = self.headers.get("Origin")
+        if origin is not None:
+            scheme, _, rest = origin.partition("://")
+            if scheme.lower() != "http" or _authority(rest) != host:
+                self._refuse(HTTPStatus.FORBIDDEN, f"requests from {origin[:100]} are not accepted: the chat answers "
+                                                   f"its own page only")
+                return False
+        return True
+
     def do_GET(self):
+        if not self._same_origin():
+            return
         chat, path = self.server.chat, self.path.split("?")[0]
         if path in ("/", "/index.html"):
             self._send(HTTPStatus.OK, page_html(chat), "text/html; charset=utf-8")
@@ -253,34 +439,69 @@ class Handler(BaseHTTPRequestHandler):
         else:
             self._json(HTTPStatus.NOT_FOUND, {"error": f"no such page {path}"})
 
+    def _body(self) -> bytes | None:
+        """The request body, or None after a refusal (411, 400, 413, 415, 408)."""
+        if self.headers.get_content_type() != "application/json":
+            self._refuse(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "send the request as Content-Type: application/json")
+            return None
+        if self.headers.get("Transfer-Encoding") is not None:
+            self._refuse(HTTPStatus.LENGTH_REQUIRED, "Transfer-Encoding is not accepted: send a Content-Length")
+            return None
+        lengths = {v.strip() for v in self.headers.get_all("Content-Length") or []}
+        if not lengths:
+            self._refuse(HTTPStatus.LENGTH_REQUIRED, "send a Content-Length")
+            return None
+        if len(lengths) > 1 or not _DIGITS.fullmatch(next(iter(lengths))):
+            shown = ", ".join(sorted(lengths))[:100]
+            self._refuse(HTTPStatus.BAD_REQUEST, f"Content-Length {shown!r} is not one non-negative whole number")
+            return None
+        n = int(next(iter(lengths)))
+        if n > MAX_BODY:
+            self._refuse(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"request too large: {n} bytes, at most {MAX_BODY}")
+            return None
+        try:
+            body = self.rfile.read(n)
+        except TimeoutError:
+            self._refuse(HTTPStatus.REQUEST_TIMEOUT, f"the request did not arrive within "
+                                                     f"{self.server.request_timeout:g} s")
+            return None
+        if len(body) < n:
+            self._refuse(HTTPStatus.BAD_REQUEST, f"the body ended after {len(body)} of {n} bytes")
+            return None
+        return body
+
     def do_POST(self):
+        self._body_unread = True
+        if not self._same_origin():
+            return
         chat = self.server.chat
         if self.path.split("?")[0] != "/api/chat":
             return self._json(HTTPStatus.NOT_FOUND, {"error": f"no such endpoint {self.path}"})
+        body = self._body()
+        if body is None:
+            return
+        self._body_unread = False
+        self.connection.settimeout(self.server.request_timeout)  # for each write of the answer
         if chat.loaded is None:
             return self._json(HTTPStatus.SERVICE_UNAVAILABLE, {"error": "the model is still loading; try again"})
-        n = int(self.headers.get("Content-Length") or 0)
-        if n > MAX_BODY:
-            return self._json(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, {"error": "request too large"})
         try:
-            history, message = parse_chat_request(self.rfile.read(n))
-            _, dropped = chat.prompt(history, message)
-        except (ValueError, UnicodeDecodeError) as e:
+            history, message = parse_chat_request(body)
+            chat.bounded(history, message)  # the cheap checks, before the answer starts
+        except (ValueError, UnicodeDecodeError, FeditError) as e:
             return self._json(HTTPStatus.BAD_REQUEST, {"error": str(e)})
         self.send_response(HTTPStatus.OK)
         self.send_header("Content-Type", "text/event-stream; charset=utf-8")
-        self.send_header("Cache-Control", "no-store")
+        self._common_headers()
         self.end_headers()
         pieces: list[str] = []
-        answer = chat.stream(history, message)
+        answer = chat.stream(history, message, on_prompt=lambda dropped: self._event({"dropped_turns": dropped}))
         try:
-            self._event({"dropped_turns": dropped})
             for piece in answer:
                 pieces.append(piece)
                 self._event({"delta": piece})
             self._event({"done": True, "answer": "".join(pieces)})
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the page went away: closing the generator below stops the model
+        except (ConnectionError, TimeoutError):
+            pass  # the page went away or stopped reading: closing the generator below stops the model
         except Exception as e:  # a bug, but the page should say so rather than spin forever
             try:
                 self._event({"error": f"{type(e).__name__}: {e}"})
@@ -303,10 +524,34 @@ class ChatServer(ThreadingHTTPServer):
     # without an active exception", exit -6), so SIGTERM would not be a clean stop.
     daemon_threads = False
     block_on_close = True
+    # Seconds for a whole request (line, headers, body) to arrive, and for each write of the
+    # answer to be taken: an idle or half-sent connection holds a thread no longer than this.
+    request_timeout = 30.0
 
     def __init__(self, address, chat: Chat):
         self.chat = chat
+        # Host names (lower case) besides the bound address and localhost that requests may
+        # carry (the name of this machine, when serving under one); empty by default.
+        self.allowed_hosts: set[str] = set()
         super().__init__(address, Handler)
+
+    def host_allowed(self, host: str, port: int) -> bool:
+        """Whether ``Host: host:port`` names this server: its port, and its address (any IP
+        address on a wildcard bind), ``localhost`` on a loopback or wildcard bind, or one of
+        ``allowed_hosts``. Other names are refused, which is what stops DNS rebinding."""
+        bound, bound_port = self.server_address[:2]
+        if port != bound_port:
+            return False
+        bound_ip = ipaddress.ip_address(bound)
+        if host in self.allowed_hosts:
+            return True
+        if host == "localhost":
+            return bound_ip.is_loopback or bound_ip.is_unspecified
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        return bound_ip.is_unspecified or ip == bound_ip
 
 
 def make_server(chat: Chat, host: str = "127.0.0.1", port: int = 7860) -> ChatServer:

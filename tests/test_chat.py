@@ -1,7 +1,12 @@
-"""`fedit chat`: prompt building, the terminal loop on scripted input, the web page in headless Chromium.
+"""`fedit chat`: prompt building, the terminal loop on scripted input, the web page in headless Chromium,
+and the web server against hostile requests.
 
 The browser is Debian's chromium (scripts/setup-system.sh installs it), driven over the DevTools
 protocol on a pipe (--remote-debugging-pipe): no webdriver, no extra Python package.
+
+The hostile-request tests drive the real handler: a real server on 127.0.0.1 (a free port) around a
+Chat whose model is a stub (one token per whitespace-separated word, a fixed two-piece answer), so
+every token count is worked out by hand; malformed requests go over raw sockets.
 """
 
 import fcntl
@@ -20,10 +25,12 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-from fedit.chat import Chat, alpaca_chat_prompt, make_server, parse_chat_request, serve, terminal_chat, url_of
+from fedit.chat import (MAX_BODY, Chat, alpaca_chat_prompt, make_server, parse_chat_request, serve, terminal_chat,
+                        url_of)
 from fedit.data.prompts import ALPACA_NO_INPUT
 from fedit.errors import FeditError
 from fedit.inference import load_for_inference
@@ -224,6 +231,267 @@ def test_busy_port_is_a_clear_error(run_dir, capsys):
 def test_chat_command_missing_adapter(tmp_path, capsys):
     assert main(["chat", "--adapter", str(tmp_path / "no-run")]) == 2
     assert f"adapter {tmp_path / 'no-run'} does not exist" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- web: hostile requests (stub model)
+
+class WordTokenizer:
+    """One token per whitespace-separated word; remembers every text it was given, and whether the
+    chat's generation lock was held at the time."""
+
+    def __init__(self):
+        self.texts, self.locked, self.chat = [], [], None
+
+    def __call__(self, text, add_special_tokens=True):
+        self.texts.append(text)
+        self.locked.append(self.chat is not None and self.chat._lock.locked())
+        return {"input_ids": list(range(len(text.split())))}
+
+
+class StubChat(Chat):
+    """A Chat whose model answers "stub answer" in two pieces, and counts how often it was run."""
+
+    runs = 0
+
+    def _pieces(self, text):
+        type(self).runs += 1
+        yield "stub"
+        yield " answer"
+
+
+PREAMBLE = ("Below is an instruction that describes a task. Write a response that appropriately completes "
+            "the request.\n\n### Instruction:\n")
+
+
+def stub_chat(max_prompt_tokens=512):
+    tok = WordTokenizer()
+    chat = StubChat(SimpleNamespace(tokenizer=tok), max_prompt_tokens=max_prompt_tokens,
+                    info={"adapter": "/home/someone/runs/secret-adapter"})
+    tok.chat = chat
+    return chat, tok
+
+
+@pytest.fixture()
+def stub():
+    chat, _ = stub_chat()
+    StubChat.runs = 0
+    srv = make_server(chat, "127.0.0.1", 0)
+    thread = threading.Thread(target=serve, args=(srv,), daemon=True)
+    thread.start()
+    yield srv
+    srv.shutdown()
+    thread.join()
+
+
+def exchange(server, data, half_close=True):
+    """Send raw bytes, read until the server closes: the raw response (b"" if it closed without one)."""
+    with socket.create_connection(server.server_address[:2], timeout=20) as s:
+        s.sendall(data)
+        if half_close:
+            s.shutdown(socket.SHUT_WR)
+        chunks = []
+        while chunk := s.recv(1 << 16):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def http(server, method, path, headers=(), body=b""):
+    """A raw HTTP/1.1 request with the right Host unless ``headers`` says otherwise (None drops a header)."""
+    hdrs = {"Host": f"127.0.0.1:{server.server_address[1]}", **dict(headers)}
+    head = f"{method} {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in hdrs.items() if v is not None)
+    return exchange(server, (head + "\r\n").encode() + body)
+
+
+def status(raw):
+    return int(raw.split(b" ", 2)[1]) if raw.startswith(b"HTTP/") else None
+
+
+def body_of(raw):
+    return raw.split(b"\r\n\r\n", 1)[1]
+
+
+def events_of(raw):
+    return [json.loads(b[len("data: "):]) for b in body_of(raw).decode().split("\n\n") if b]
+
+
+CHAT_BODY = json.dumps({"message": "hello there", "history": [["hi", "hello!"]]}).encode()
+
+
+def post_chat(server, body=CHAT_BODY, **headers):
+    return http(server, "POST", "/api/chat", {"Content-Type": "application/json",
+                                              "Content-Length": str(len(body)), **headers}, body)
+
+
+def test_stub_server_answers_a_well_formed_request(stub):
+    raw = post_chat(stub)
+    assert status(raw) == 200
+    assert events_of(raw) == [{"dropped_turns": 0}, {"delta": "stub"}, {"delta": " answer"},
+                              {"done": True, "answer": "stub answer"}]
+    # the page's own requests carry its origin: accepted (and localhost names a loopback bind)
+    port = stub.server_address[1]
+    assert status(post_chat(stub, Origin=f"http://127.0.0.1:{port}")) == 200
+    assert status(http(stub, "GET", "/api/info", {"Host": f"localhost:{port}"})) == 200
+
+
+@pytest.mark.parametrize("value, code", [("-1", 400), ("abc", 400), ("1_0", 400), ("+25", 400),
+                                         ("25, 26", 400), (None, 411)])
+def test_content_length_must_be_one_non_negative_number(stub, value, code):
+    # -1 used to read the body to the end (any size) and answer 200; abc dropped the connection
+    # with no response; a missing length read nothing and blamed the JSON
+    raw = post_chat(stub, **{"Content-Length": value})
+    assert status(raw) == code, raw[:200]
+    assert "Content-Length" in json.loads(body_of(raw))["error"]
+    assert StubChat.runs == 0
+
+
+def test_chunked_body_and_too_large_body_are_refused(stub):
+    chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(CHAT_BODY), CHAT_BODY)
+    raw = http(stub, "POST", "/api/chat", {"Content-Type": "application/json", "Transfer-Encoding": "chunked"},
+               chunked)
+    assert status(raw) == 411
+    raw = post_chat(stub, **{"Content-Length": str(MAX_BODY + 1)})  # refused before a byte of it is read
+    assert status(raw) == 413
+    assert StubChat.runs == 0
+
+
+def test_chat_request_must_be_json(stub):
+    # a cross-site <form> can send text/plain without asking first; application/json it cannot
+    raw = post_chat(stub, **{"Content-Type": "text/plain"})
+    assert status(raw) == 415 and StubChat.runs == 0
+
+
+@pytest.mark.parametrize("host", ["rebound.attacker.example:{port}", "127.0.0.1:{other}", "localhost:{other}",
+                                  "127.0.0.2:{port}", "127.0.0.1:{port}@evil", None])
+def test_host_must_name_the_bound_address(stub, host):
+    port = stub.server_address[1]
+    for method, path, extra in (("GET", "/api/info", {}), ("GET", "/", {}),
+                                ("POST", "/api/chat", {"Content-Type": "application/json",
+                                                       "Content-Length": str(len(CHAT_BODY))})):
+        h = None if host is None else host.format(port=port, other=port + 1 if port < 65535 else port - 1)
+        raw = http(stub, method, path, {"Host": h, **extra}, CHAT_BODY if method == "POST" else b"")
+        assert status(raw) == 403, (method, path, raw[:200])
+        assert b"secret-adapter" not in raw  # DNS rebinding cannot read /api/info
+    assert StubChat.runs == 0
+
+
+@pytest.mark.parametrize("origin", ["http://attacker.example", "http://127.0.0.1:{other}",
+                                    "https://127.0.0.1:{port}", "null"])
+def test_cross_site_origin_cannot_start_a_generation(stub, origin):
+    port = stub.server_address[1]
+    raw = post_chat(stub, Origin=origin.format(port=port, other=port + 1 if port < 65535 else port - 1))
+    assert status(raw) == 403 and StubChat.runs == 0
+
+
+def test_host_check_on_other_binds():
+    # the rule itself, for binds the tests do not open: on a wildcard bind any IP address of the
+    # machine may be typed, but never a DNS name (what a rebinding page has); allowed_hosts adds names
+    from fedit.chat import ChatServer
+
+    def allowed(bound, host, port=7860, names=()):
+        return ChatServer.host_allowed(SimpleNamespace(server_address=(bound, 7860), allowed_hosts=set(names)),
+                                       host, port)
+
+    assert allowed("0.0.0.0", "192.168.1.5") and allowed("0.0.0.0", "localhost")
+    assert not allowed("0.0.0.0", "rebound.attacker.example") and not allowed("0.0.0.0", "192.168.1.5", 7861)
+    assert allowed("::1", "::1") and allowed("::1", "localhost") and not allowed("::1", "127.0.0.1")
+    assert allowed("192.168.1.5", "192.168.1.5") and not allowed("192.168.1.5", "localhost")
+    assert allowed("192.168.1.5", "chatbox.lan", names={"chatbox.lan"})
+
+
+def test_half_sent_headers_are_closed_after_the_timeout(stub):
+    stub.request_timeout = 0.5
+    port = stub.server_address[1]
+    # no blank line: the headers never end (this used to hold the connection open for good)
+    raw = exchange(stub, f"POST /api/chat HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n".encode(), half_close=False)
+    assert raw == b""
+
+
+def test_half_sent_body_gets_408(stub):
+    stub.request_timeout = 0.5
+    head = (f"POST /api/chat HTTP/1.1\r\nHost: 127.0.0.1:{stub.server_address[1]}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(CHAT_BODY)}\r\n\r\n").encode()
+    raw = exchange(stub, head + CHAT_BODY[:10], half_close=False)
+    assert status(raw) == 408 and StubChat.runs == 0
+
+
+def test_a_trickled_request_is_cut_off_at_one_deadline(stub):
+    # a byte every 0.1 s never leaves a single read idle for 0.5 s, yet the request as a whole
+    # must arrive within request_timeout: the server closes long before 200 bytes are through
+    stub.request_timeout = 0.5
+    sent = 0
+    with socket.create_connection(stub.server_address[:2], timeout=20) as s:
+        s.sendall(b"GET /")
+        closed = False
+        for sent in range(1, 201):
+            try:
+                s.sendall(b"a")
+            except (BrokenPipeError, ConnectionResetError):
+                closed = True
+                break
+            if select.select([s], [], [], 0.1)[0]:
+                try:
+                    closed = s.recv(1 << 16) == b""
+                except ConnectionResetError:
+                    closed = True
+                if closed:
+                    break
+    assert closed and sent < 200
+
+
+def test_prompt_work_is_bounded_before_tokenizing():
+    # 1,000 one-word turns: the stub counts one token per word, so a prompt with k earlier turns is
+    # 21 + 6k tokens (preamble 16 words, "### Instruction:" / "### Response:" 4 per turn, one word
+    # each for question, answer and message): k = 81 fits 512 (507), k = 82 does not (513)
+    chat, tok = stub_chat(512)
+    history = [(f"q{i}", f"a{i}") for i in range(1000)]
+    text, dropped = chat.prompt(history, "last")
+    assert dropped == 1000 - 81
+    assert len(text.split()) == 21 + 6 * 81
+    assert text.startswith(PREAMBLE + "q919\n\n### Response:\na919\n\n### Instruction:\nq920\n")
+    assert text.endswith("a999\n\n### Instruction:\nlast\n\n### Response:\n")
+    # at most 512 // 4 = 128 turns are looked at: 1 whole-prompt try, then bisection over 128
+    # candidates (7 halvings) = 8 tokenizations, where dropping one at a time took 920
+    assert len(tok.texts) <= 8
+    assert max(t.count("### Instruction:") for t in tok.texts) <= 128 + 1
+
+
+def test_characters_are_capped_before_tokenizing():
+    chat, tok = stub_chat(512)  # 16 * 512 = 8192 characters of message and turns
+    history = [("x" * 1000, "")] * 10  # each turn one "word": all ten would fit the token budget
+    text, dropped = chat.prompt(history, "m")  # 1 + 8 * 1000 <= 8192 < 1 + 9 * 1000: 8 kept
+    assert dropped == 2 and text.count("x" * 1000) == 8
+    assert max(len(t) for t in tok.texts) < 8192 + 300  # the template's own text on top
+    tok.texts.clear()
+    with pytest.raises(FeditError, match="the message is 8193 characters; this chat takes at most 8192"):
+        chat.prompt([], "y" * 8193)
+    assert tok.texts == []  # refused before any tokenization
+    text, dropped = chat.prompt(history, "y" * 8192)  # the message alone still goes, however long
+    assert dropped == 10 and text == PREAMBLE + "y" * 8192 + "\n\n### Response:\n"
+
+
+def test_web_request_with_1000_turns_does_bounded_work_inside_the_lock(stub):
+    chat, tok = stub.chat, stub.chat.loaded.tokenizer
+    body = json.dumps({"message": "last", "history": [[f"q{i}", f"a{i}"] for i in range(1000)]}).encode()
+    assert len(body) < 25_000
+    raw = post_chat(stub, body)
+    assert status(raw) == 200
+    assert events_of(raw)[0] == {"dropped_turns": 919}  # as worked out above
+    # the prompt is built once per request (it was built twice), under the generation lock
+    # (the tokenizer is shared, and the work of many requests at once is then one at a time)
+    assert 1 <= len(tok.texts) <= 8 and all(tok.locked)
+    # a message over the character cap is a 400 before the answer starts, not a tokenization
+    tok.texts.clear()
+    raw = post_chat(stub, json.dumps({"message": "y" * 8193}).encode())
+    assert status(raw) == 400 and "8193 characters" in json.loads(body_of(raw))["error"]
+    assert tok.texts == [] and StubChat.runs == 1
+
+
+def test_terminal_chat_refuses_a_too_long_message_and_goes_on():
+    chat, _ = stub_chat(512)
+    out = Recorder()
+    history = terminal_chat(chat, io.StringIO("y" * 8193 + "\nhello\n"), out)
+    assert "the message is 8193 characters; this chat takes at most 8192" in out.getvalue()
+    assert history == [("hello", "stub answer")]
 
 
 # ---------------------------------------------------------------- web: in a real browser
