@@ -129,23 +129,129 @@ def test_adaptive_clipping_moves_towards_the_target_quantile_in_the_papers_direc
         assert 0.8 < norms[-1] < 1.25  # then it stays around the median norm
 
 
+def test_adaptive_quantile_is_the_target_one_not_off_by_the_centring():
+    """Norms 0.1, 0.2, ..., 2.0 over m = 20 clients: the 0.8-quantile lies between 1.6 and 1.7 (16 of the 20
+    norms are at most 1.6); from below and from above the bound settles there."""
+    m = 20
+    norms = [0.1 * (i + 1) for i in range(m)]
+    for start in (0.2, 5.0):
+        dp = mechanism(m=m, num_clients=100, clipping_norm=start, noise_multiplier=1.0, adaptive=True,
+                       count_noise=1.0, target_quantile=0.8, clip_learning_rate=0.2, seed=4)
+        dp.epsilon = lambda rounds=None: 0.0  # the ledger is not what this test is about (and costs time)
+        late = []
+        for r in range(120):
+            mean = dp.combiner({"w": torch.zeros(2)})
+            for n in norms:
+                mean.add({"w": torch.tensor([n, 0.0])}, 1)
+            mean.result()
+            late += [dp.clip] if r >= 60 else []
+        assert 1.5 < sum(late) / len(late) < 1.8
+
+
 def test_adaptive_noise_is_calibrated_to_the_norm_the_updates_were_clipped_to():
+    """Worked by hand with 3 replies for m = 4 (the fixed denominator): the centred bits sum to
+    Σ (b_k − 1/2) = 3 − 3/2, b̄ = (that + noise) / m + 1/2."""
     z, sigma_b, m, c = 1.0, 1.0, 4, 2.0
     dp = mechanism(m=m, clipping_norm=c, noise_multiplier=z, adaptive=True, count_noise=sigma_b, seed=9)
-    z_delta = (z ** -2 - (2 * sigma_b) ** -2) ** -0.5  # Andrew et al. 2021, Theorem 1
+    z_delta = (z ** -2 - (2 * sigma_b) ** -2) ** -0.5  # Andrew et al. 2021, Theorem 1, for bits of sensitivity 1/2
     assert dp.z_delta == pytest.approx(z_delta) == pytest.approx(1.1547005)
     mean = dp.combiner({"w": torch.zeros(2)})
-    for _ in range(m):
+    for _ in range(3):
         mean.add({"w": torch.zeros(2)}, 1)  # norm 0 <= C: all unclipped, so C falls after this round
     out = mean.result()
     g = torch.Generator().manual_seed(9)
     noise = torch.randn(2, generator=g, dtype=torch.float64) * z_delta * c  # this round's C, not the next
-    b = (m + float(torch.randn((), generator=g, dtype=torch.float64)) * sigma_b) / m
+    b = (3 - 1.5 + float(torch.randn((), generator=g, dtype=torch.float64)) * sigma_b) / m + 0.5
     assert torch.equal(out["w"], noise / m)
-    assert dp.clip == pytest.approx(c * math.exp(-0.2 * (b - 0.5)), rel=1e-12) and dp.clip < c
+    assert mean.report["unclipped_fraction_noised"] == pytest.approx(b, rel=1e-12)
+    assert dp.clip == pytest.approx(c * math.exp(-0.2 * (min(b, 1.0) - 0.5)), rel=1e-12) and dp.clip < c
     assert mean.report["clipping_norm"] == c
-    with pytest.raises(FeditError, match="count noise"):
+
+
+def test_invalid_count_noise_is_a_clear_error():
+    with pytest.raises(FeditError, match=r"needs σ_b > z / 2 = 1.5; raise privacy.count_noise"):
         mechanism(noise_multiplier=3.0, adaptive=True, count_noise=1.0)
+    with pytest.raises(FeditError, match="count noise"):  # exactly z / 2: nothing left for the updates
+        mechanism(noise_multiplier=1.0, adaptive=True, count_noise=0.5)
+    with pytest.raises(FeditError, match=r"the default, expected clients per round / 20 = 4 / 20"):
+        mechanism(m=4, noise_multiplier=1.0, adaptive=True)  # σ_b = 0.2, z / 2 = 0.5
+    mechanism(noise_multiplier=1.0, adaptive=True, count_noise=0.51)  # just above: allowed
+
+
+def _released_bits(dp, unclipped: int, clipped: int, extra: str | None, seed: int) -> float:
+    """m · b̄ of one round with the given clients (norm 0, or 10·C), plus one more client added one by one
+    (``extra`` = "unclipped" / "clipped"), or through the secure-aggregation path (``"summed ..."``)."""
+    dp.generator.manual_seed(seed)  # the same noise for both neighbours
+    mean = dp.combiner({"w": torch.zeros(2)})
+    for n in [0.0] * unclipped + [10 * dp.clip] * clipped:
+        mean.add({"w": torch.tensor([n, 0.0])}, 1)
+    if extra in ("unclipped", "clipped"):
+        mean.add({"w": torch.tensor([0.0 if extra == "unclipped" else 10 * dp.clip, 0.0])}, 1)
+    elif extra:  # one client's clipped change and its bit, as flower.py's check_sum hands them over
+        mean.add_sum({"w": torch.zeros(2, dtype=torch.float64)}, 1, 1.0 if extra == "summed unclipped" else 0.0)
+    mean.result()
+    return mean.report["unclipped_fraction_noised"] * dp.m
+
+
+@pytest.mark.parametrize("case", [
+    # the red team's reproducer (issue 28): target ε 8, count_noise 2, 20 rounds of 20 of 100 clients
+    dict(m=20, num_clients=100, rounds=20, target_epsilon=8.0, count_noise=2.0),
+    dict(m=20, num_clients=100, rounds=20, noise_multiplier=1.0, count_noise=0.6),
+    dict(m=100, num_clients=1000, rounds=10, noise_multiplier=1.0),  # the default σ_b = m / 20 = 5
+    dict(m=20, num_clients=100, rounds=20, noise_multiplier=1.0, count_noise=1.0, sampling="poisson"),
+])
+def test_reported_epsilon_is_dp_accountings_composition_of_both_gaussian_mechanisms(case):
+    """Each round releases two Gaussian mechanisms on the same clients: the sum of clipped updates and the
+    sum of "not clipped" bits. Their sensitivities and noise are measured on the mechanism (neighbouring
+    inputs with the same noise draw; the std of the released noise), then composed over the rounds by
+    dp-accounting's RDP accountant, Poisson-sampled as one when the run samples so. The ε the run reports
+    must be at least that; the mechanism is exactly that, so equal to it."""
+    import dp_accounting
+    from dp_accounting import rdp
+
+    case = dict(case)
+    m, rounds = case["m"], case["rounds"]
+    make = lambda: mechanism(clipping_norm=0.5, adaptive=True, **case)  # noqa: E731
+
+    # the bit sum's sensitivity: one client added (unclipped or clipped, one by one or summed) moves m·b̄ by
+    dp = make()
+    dp.epsilon = lambda rounds=None: 0.0
+    moves = [abs(_released_bits(dp, 7, 5, extra, s) - _released_bits(dp, 7, 5, None, s))
+             for extra in ("unclipped", "clipped", "summed unclipped", "summed clipped") for s in (1, 2)]
+    bit_sensitivity = max(moves)
+    # the bit noise: the std of m·b̄ with the same clients round after round (all unclipped: norm 0)
+    draws = [_released_bits(dp, m, 0, None, s) for s in range(2000)]
+    sigma_b = float(torch.tensor(draws).std())
+    assert sigma_b == pytest.approx(case.get("count_noise") or m / 20, rel=0.06)
+    sigma_b = case.get("count_noise") or m / 20  # measured within 6% (4 standard errors); the exact value
+    # the update noise multiplier: the std of the released noise on a large all-zero round, over C
+    dp = make()
+    mean = dp.combiner({"w": torch.zeros(40000)})
+    mean.add({"w": torch.zeros(40000)}, 1)
+    z_delta_measured = float(mean.result()["w"].std()) * m / 0.5
+    z_delta = mean.report["noise_std"] * m / 0.5
+    assert z_delta_measured == pytest.approx(z_delta, rel=0.02)
+
+    both = dp_accounting.ComposedDpEvent([dp_accounting.GaussianDpEvent(z_delta),  # update sum: sensitivity C
+                                          dp_accounting.GaussianDpEvent(sigma_b / bit_sensitivity)])
+    q = m / case["num_clients"]
+    event = dp_accounting.PoissonSampledDpEvent(q, both) if case.get("sampling") == "poisson" else both
+    acc = rdp.RdpAccountant()
+    acc.compose(event, rounds)
+    true_epsilon = acc.get_epsilon(1e-5)
+
+    dp = make()
+    for _ in range(rounds):
+        mean = dp.combiner({"w": torch.zeros(3)})
+        for i in range(m):
+            mean.add({"w": torch.tensor([0.1 * i, 0.0, 0.0])}, 1)
+        mean.result()
+    reported = mean.report["epsilon"]
+    assert reported >= true_epsilon * (1 - 1e-9), f"reported ε {reported:.3f} < {true_epsilon:.3f} composed"
+    assert reported == pytest.approx(true_epsilon, rel=1e-6)
+    assert bit_sensitivity == pytest.approx(0.5, abs=1e-9)  # centred: b − 1/2 is ±1/2 (uncentred: 1)
+    if "target_epsilon" in case:
+        assert reported <= case["target_epsilon"]
 
 
 def test_accountant_golden_values():
@@ -290,6 +396,69 @@ def test_a_resumed_run_keeps_the_noise_it_started_with():
     assert later.z > first.z  # more rounds at the same ε need more noise
     later.load_state_dict(first.state_dict())
     assert (later.z, later.z_delta, later.rounds_done) == (first.z, first.z_delta, 0)
+    # and the count noise with it: the split of z between updates and bits was made for that σ_b
+    first = mechanism(noise_multiplier=1.0, adaptive=True, count_noise=2.0)
+    later = mechanism(noise_multiplier=1.0, adaptive=True, count_noise=1.0)
+    later.load_state_dict(first.state_dict())
+    assert (later.z_delta, later.sigma_b) == (first.z_delta, 2.0)
+    with pytest.raises(FeditError, match="privacy.adaptive is true in this config but this run started with false"):
+        mechanism(noise_multiplier=1.0, adaptive=True, count_noise=1.0).load_state_dict(mechanism().state_dict())
+
+
+def _composed(*segments) -> float:
+    """dp-accounting's ε at δ = 1e-5 for (z_Δ, bits' multiplier or None, q or None, rounds) segments."""
+    import dp_accounting
+    from dp_accounting import rdp
+
+    acc = rdp.RdpAccountant()
+    for z_delta, bits, q, rounds in segments:
+        event = dp_accounting.GaussianDpEvent(z_delta)
+        if bits:
+            event = dp_accounting.ComposedDpEvent([event, dp_accounting.GaussianDpEvent(bits)])
+        acc.compose(dp_accounting.PoissonSampledDpEvent(q, event) if q else event, rounds)
+    return acc.get_epsilon(1e-5)
+
+
+def _run_rounds(dp, rounds):
+    for _ in range(rounds):
+        mean = dp.combiner({"w": torch.zeros(1)})
+        mean.add({"w": torch.zeros(1)}, 1)
+        mean.result()
+    return mean.report["epsilon"]
+
+
+def test_a_checkpoint_from_before_the_centring_counts_its_rounds_as_they_ran(caplog):
+    """A run saved by the earlier code (noise = [z, z_Δ], its bits summed uncentred: multiplier σ_b, not
+    2σ_b): resumed, ε composes those rounds as they ran and the new rounds as they run now."""
+    z, sigma_b = 1.0, 1.0
+    z_delta = (z ** -2 - (2 * sigma_b) ** -2) ** -0.5  # the split the earlier code made
+    old = mechanism(noise_multiplier=z, adaptive=True, count_noise=sigma_b).state_dict()
+    legacy = {"clip": old["clip"], "noise": torch.tensor([z, z_delta], dtype=torch.float64),
+              "rounds": torch.tensor([5]), "generator": old["generator"]}
+    dp = mechanism(noise_multiplier=z, adaptive=True, count_noise=sigma_b)
+    dp.load_state_dict(legacy)
+    assert dp.sigma_b == pytest.approx(sigma_b) and dp.z_delta == z_delta
+    assert dp.epsilon() == pytest.approx(_composed((z_delta, sigma_b, None, 5)), rel=1e-6)
+    assert dp.epsilon() > privacy.epsilon(z, None, 5, 1e-5) * 1.3  # what it had reported: 12.30, now 17.49
+    assert "summed the adaptive clipping's bits uncentred" in caplog.text
+    assert _run_rounds(dp, 2) == pytest.approx(_composed((z_delta, sigma_b, None, 5), (z_delta, 2 * sigma_b, None, 2)),
+                                               rel=1e-6)
+    # a legacy run without adaptive clipping: nothing to recount
+    dp = mechanism(noise_multiplier=z)
+    dp.load_state_dict({**legacy, "noise": torch.tensor([z, z], dtype=torch.float64)})
+    assert dp.epsilon() == pytest.approx(privacy.epsilon(z, None, 5, 1e-5), rel=1e-9)
+
+
+def test_the_ledger_keeps_each_rounds_sampling_rate_across_a_resume():
+    """Poisson sampling at q = 10/100 for 3 rounds, resumed with 20 clients per round: the 3 rounds stay
+    at q = 0.1, the next 2 are at q = 0.2."""
+    first = mechanism(m=10, num_clients=100, noise_multiplier=1.0, sampling="poisson")
+    _run_rounds(first, 3)
+    later = mechanism(m=20, num_clients=100, noise_multiplier=1.0, sampling="poisson")
+    later.load_state_dict(first.state_dict())
+    assert later.epsilon() == pytest.approx(_composed((1.0, None, 0.1, 3)), rel=1e-9)
+    assert later.epsilon(5) == pytest.approx(_composed((1.0, None, 0.1, 3), (1.0, None, 0.2, 2)), rel=1e-9)
+    assert _run_rounds(later, 2) == pytest.approx(later.epsilon(5), rel=1e-12) and later.rounds_done == 5
 
 
 def test_a_delta_not_below_one_over_the_clients_is_warned_about(caplog):
