@@ -1,12 +1,14 @@
 """Local training of one client: FitIns + the client's examples -> Update.
 
-The explicit loop of the paper's clients: a fresh AdamW per client and round,
+The explicit loop of the paper's clients: a fresh optimizer per client and round
+(the paper's AdamW unless the strategy's client algorithm makes another),
 ``batch_size`` examples per optimizer step through gradient accumulation over
 micro-batches, the loss averaged over every labelled token of the step (so
 accumulation gives the same gradient as one big batch). A strategy's client
 algorithm (fedit.protocol.ClientAlgorithm) hooks into this one loop: an extra
 loss term and a gradient hook once per optimizer step, before clipping and
-AdamW, and arrays and state of its own after the last step.
+the optimizer's step, the optimizer itself, and arrays, state and metrics of
+its own after the last step.
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ def _train(loaded: Loaded, ins: FitIns, examples: list[Example], cfg: TrainConfi
     # A client of lower rank steps only on what it trains: nothing else moves, weight decay included.
     params = [p for k, p in named.items() if mask is None or k in mask.keys]
     algo = algorithm(ins, state)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = algo.make_optimizer(params, cfg)
     opt.zero_grad(set_to_none=True)
     pad = loaded.tokenizer.pad_token_id
     loss_sum, tokens, trained, started = 0.0, 0, 0, time.perf_counter()
@@ -106,6 +108,7 @@ def _train(loaded: Loaded, ins: FitIns, examples: list[Example], cfg: TrainConfi
     if shortened:  # fitted to train.cutoff_len (fedit/data/batches.py): the run's metrics say how many
         metrics["examples_shortened"] = shortened
     extra_arrays, new_state = algo.finish(named)
+    metrics.update(algo.metrics())
     update = Update(client_id=ins.client_id, arrays={ADAPTER: get_adapter(model), **extra_arrays},
                     num_examples=trained, metrics=metrics)
     return update, new_state

@@ -165,3 +165,16 @@ class ClientAlgorithm:
     def finish(self, params: dict[str, "torch.Tensor"]) -> tuple[dict[str, Arrays], Arrays | None]:
         """After local training: (array groups to send beside the adapter, state to keep or None)."""
         return {}, None
+
+    def make_optimizer(self, params: list["torch.Tensor"], cfg) -> "torch.optim.Optimizer":
+        """The local optimizer over the parameters the client trains, made once per client and round;
+        ``cfg`` is the run's TrainConfig. The base is the paper's AdamW (train.lr, train.weight_decay);
+        an algorithm analysed for another optimizer (SCAFFOLD's plain SGD) returns its own."""
+        import torch  # here, not at the top: this module loads no training code
+
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    def metrics(self) -> dict[str, float]:
+        """Numbers of its own to add to the client's metrics after training (e.g. how strong FedProx's
+        pull was); {} for none."""
+        return {}

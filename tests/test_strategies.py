@@ -9,10 +9,12 @@ algorithm must reduce to FedAvg gives FedAvg's adapters bit for bit.
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+from fedit.errors import FeditError
 from fedit.protocol import FitIns, Update
 from fedit.strategies import STRATEGIES
 from fedit.strategies.fedadagrad import FedAdagrad
@@ -109,7 +111,8 @@ def test_selection_is_seeded_by_round_and_distinct():
 # ---------------------------------------------------------------- fedavgm
 
 def test_fedavgm_heavy_ball_hand_computed():
-    s = FedAvgM(opts(FedAvgM, server_momentum=0.5, server_learning_rate=2.0))
+    """Hsu et al.'s form, v from zero."""
+    s = FedAvgM(opts(FedAvgM, server_momentum=0.5, server_learning_rate=2.0, warm_start=False))
     theta = {"a": T(0.0, 0.0)}
     theta, _ = s.aggregate(1, theta, [client(0, 1, a=[1.0, -2.0])])
     # v = [1, -2]; θ = 0 + 2 · v = [2, -4]
@@ -118,6 +121,31 @@ def test_fedavgm_heavy_ball_hand_computed():
     # Δ̄ = [3, 0]; v = 0.5 · [1, -2] + [3, 0] = [3.5, -1]; θ = [2, -4] + 2 · [3.5, -1] = [9, -6]
     assert torch.equal(theta["a"], T(9.0, -6.0))
     assert torch.equal(s.state_dict()["v/a"].float(), T(3.5, -1.0))
+
+
+def test_fedavgm_defaults_take_fedavgs_step_from_round_1_and_at_steady_state():
+    """β = 0.9, η = 1 − β = 0.1, v warm-started at Δ̄ / (1 − β): OpenFedLLM's v' ← β v' + (1 − β) Δ̄ with
+    v' = Δ̄ in its first round (v' = (1 − β) v)."""
+    s = FedAvgM()
+    theta = {"a": T(0.0, 0.0)}
+    theta, _ = s.aggregate(1, theta, [client(0, 1, a=[1.0, -2.0])])
+    # v = [1, −2] / 0.1 = [10, −20]; θ = 0 + 0.1 · v = [1, −2]: FedAvg's step
+    assert torch.allclose(theta["a"], T(1.0, -2.0), rtol=1e-6)
+    theta, _ = s.aggregate(2, theta, [client(0, 1, a=[theta["a"][0].item() + 3.0, theta["a"][1].item()])])
+    # Δ̄ = [3, 0]; v = 0.9 · [10, −20] + [3, 0] = [12, −18]; θ = [1, −2] + 0.1 · v = [2.2, −3.8]
+    # (OpenFedLLM: v' = 0.9 · [1, −2] + 0.1 · [3, 0] = [1.2, −1.8], the same step)
+    assert torch.allclose(theta["a"], T(2.2, -3.8), rtol=1e-6)
+    # a Δ̄ that never changes: the step stays Δ̄ every round (v stays at 10 Δ̄) ...
+    s, old = FedAvgM(), FedAvgM(opts(FedAvgM, server_learning_rate=1.0, warm_start=False))
+    g, h = {"a": T(0.0)}, {"a": T(0.0)}
+    for r in range(1, 31):
+        new_g, _ = s.aggregate(r, g, [client(0, 1, a=[g["a"].item() + 1.0])])
+        new_h, _ = old.aggregate(r, h, [client(0, 1, a=[h["a"].item() + 1.0])])
+        step, old_step = (new_g["a"] - g["a"]).item(), (new_h["a"] - h["a"]).item()
+        assert abs(step - 1.0) < 1e-5, (r, step)
+        g, h = new_g, new_h
+    # ... where η = 1 from zero (the former default) has grown to 1 + 0.9 + ... + 0.9^29 = (1 − 0.9^30) / 0.1
+    assert abs(old_step - (1 - 0.9 ** 30) / 0.1) < 1e-3
 
 
 # ---------------------------------------------------------------- the adaptive family (Reddi et al.)
@@ -138,7 +166,7 @@ def _close(t, values):
 
 
 def test_fedadam_hand_computed():
-    s, t1, t2 = _two_rounds(FedAdam, eta=0.1, beta_1=0.5, beta_2=0.75, tau=0.5)
+    s, t1, t2 = _two_rounds(FedAdam, eta=0.1, beta_1=0.5, beta_2=0.75, tau=0.5, warm_start=False)
     # v starts at tau² = 0.25, m at 0.
     # round 1, Δ̄ = [2, 1]: m = 0.5·[2, 1] = [1, 0.5]; v = 0.75·0.25 + 0.25·[4, 1] = [1.1875, 0.4375]
     m1, v1 = [1.0, 0.5], [0.75 * 0.25 + 0.25 * 4, 0.75 * 0.25 + 0.25 * 1]
@@ -152,7 +180,7 @@ def test_fedadam_hand_computed():
 
 
 def test_fedyogi_hand_computed():
-    s, t1, t2 = _two_rounds(FedYogi, eta=0.1, beta_1=0.5, beta_2=0.75, tau=0.5)
+    s, t1, t2 = _two_rounds(FedYogi, eta=0.1, beta_1=0.5, beta_2=0.75, tau=0.5, warm_start=False)
     # round 1, Δ̄² = [4, 1] > v0 = 0.25: sign(v − Δ̄²) = −1, v = 0.25 + 0.25·Δ̄² = [1.25, 0.5]
     m1, v1 = [1.0, 0.5], [0.25 + 0.25 * 4, 0.25 + 0.25 * 1]
     e1 = [1.0 + 0.1 * m1[0] / (math.sqrt(v1[0]) + 0.5), 0.1 * m1[1] / (math.sqrt(v1[1]) + 0.5)]
@@ -165,13 +193,66 @@ def test_fedyogi_hand_computed():
 
 
 def test_fedadagrad_hand_computed():
-    s, t1, t2 = _two_rounds(FedAdagrad, eta=0.1, beta_1=0.0, tau=0.5)
+    s, t1, t2 = _two_rounds(FedAdagrad, eta=0.1, beta_1=0.0, tau=0.5, warm_start=False)
     # m = Δ̄ (β1 = 0); v = 0.25 + Σ Δ̄²
     v1 = [0.25 + 4, 0.25 + 1]
     e1 = [1.0 + 0.1 * 2 / (math.sqrt(v1[0]) + 0.5), 0.1 * 1 / (math.sqrt(v1[1]) + 0.5)]
     _close(t1, e1)
     v2 = [v1[0] + 1, v1[1] + 9]
     _close(t2, [e1[0] + 0.1 * -1 / (math.sqrt(v2[0]) + 0.5), e1[1] + 0.1 * 3 / (math.sqrt(v2[1]) + 0.5)])
+
+
+def test_fedadam_warm_start_hand_computed():
+    s, t1, t2 = _two_rounds(FedAdam, eta=0.1, beta_1=0.5, beta_2=0.75, tau=0.5, warm_start=True)
+    # round 1: m = Δ̄ = [2, 1] (not 0.5 · Δ̄); v as from zero: 0.75 · 0.25 + 0.25 · Δ̄²
+    m1, v1 = [2.0, 1.0], [0.75 * 0.25 + 0.25 * 4, 0.75 * 0.25 + 0.25 * 1]
+    e1 = [1.0 + 0.1 * m1[0] / (math.sqrt(v1[0]) + 0.5), 0.1 * m1[1] / (math.sqrt(v1[1]) + 0.5)]
+    _close(t1, e1)
+    # round 2, Δ̄ = [-1, 3]: m = 0.5 · [2, 1] + 0.5 · [-1, 3] = [0.5, 2]
+    m2, v2 = [0.5, 2.0], [0.75 * v1[0] + 0.25 * 1.0, 0.75 * v1[1] + 0.25 * 9.0]
+    _close(t2, [e1[i] + 0.1 * m2[i] / (math.sqrt(v2[i]) + 0.5) for i in range(2)])
+
+
+def test_fedadam_defaults_derive_tau_and_eta_so_round_1_is_fedavgs_step_hand_computed():
+    """tau = the median |Δ̄| over the coordinates that moved; eta so the first step has FedAvg's norm ‖Δ̄‖.
+    The former defaults (tau 1e-6, eta 1e-3, m from 0) made the step eta · sign(Δ̄): every coordinate the
+    same size, the smallest amplified |Δ̄_max| / |Δ̄_min| = 80 times relative to the largest."""
+    d = [4e-3, 1e-4, -2e-4, 3e-4, 0.0, -5e-5]  # one coordinate no client moved
+    s = FedAdam()
+    new, _ = s.aggregate(1, {"a": torch.zeros(6)}, [client(0, 1, a=d)])
+    # the moved |Δ̄|, sorted: 5e-5, 1e-4, 2e-4, 3e-4, 4e-3 -> median 2e-4 (with the 0 it would be 1e-4)
+    tau = 2e-4
+    assert s.derived()["tau"] == pytest.approx(tau, rel=1e-6)
+    # m = Δ̄ (warm start); v = 0.99 · tau² + 0.01 · Δ̄²; u = m / (√v + tau)
+    u = [x / (math.sqrt(0.99 * tau ** 2 + 0.01 * x * x) + tau) for x in d]
+    fedavg_norm = math.sqrt(sum(x * x for x in d))
+    eta = fedavg_norm / math.sqrt(sum(x * x for x in u))
+    assert s.derived()["eta"] == pytest.approx(eta, rel=1e-6)
+    _close(new["a"].double(), [eta * x for x in u])
+    assert new["a"].double().norm().item() == pytest.approx(fedavg_norm, rel=1e-6)  # FedAvg's step, in norm
+    # per-coordinate gain |step| / |Δ̄|: the smallest coordinate gets 1.6 times the largest's, not 80 times
+    gain = [abs(new["a"][i].item() / d[i]) for i in (0, 5)]
+    assert 1.5 < gain[1] / gain[0] < 1.7  # (√(0.99 tau² + 0.01 · 16e-6) + tau) / (√(0.99 tau² + 0.01 · 25e-10) + tau)
+    old = FedAdam(opts(FedAdam, eta=1e-3, tau=1e-6, warm_start=False))
+    sign, _ = old.aggregate(1, {"a": torch.zeros(6)}, [client(0, 1, a=d)])
+    moved = [i for i in range(6) if d[i]]
+    assert all(0.8e-3 < abs(sign["a"][i].item()) <= 1e-3 for i in moved)  # about eta · sign(Δ̄)
+    assert abs(sign["a"][5].item() / d[5]) > 50 * abs(sign["a"][0].item() / d[0])
+    # the derived values are part of the state: a resumed strategy takes the same next step
+    b = FedAdam()
+    b.load_state_dict({k: v.clone() for k, v in s.state_dict().items()})
+    assert b.derived() == s.derived()
+    u2 = client(0, 1, a=[x + 1e-4 for x in new["a"].tolist()])
+    assert torch.equal(s.aggregate(2, new, [u2])[0]["a"], b.aggregate(2, new, [u2])[0]["a"])
+
+
+def test_derived_tau_waits_for_a_round_in_which_something_moved():
+    s = FedYogi()
+    g = {"a": T(1.0, 2.0)}
+    new, used = s.aggregate(1, g, [client(0, 3, a=[1.0, 2.0])])  # Δ̄ = 0: nothing to measure
+    assert used == 1 and torch.equal(new["a"], g["a"]) and s.derived() == {} and s.state_dict() == {}
+    new, _ = s.aggregate(2, g, [client(0, 3, a=[1.5, 2.0])])  # Δ̄ = [0.5, 0]: tau = 0.5, the one that moved
+    assert s.derived()["tau"] == 0.5 and torch.allclose(new["a"], T(1.5, 2.0))  # one coordinate: FedAvg's step
 
 
 def test_adaptive_state_round_trips():
@@ -207,9 +288,14 @@ def test_fedprox_gradient_equals_autograd_of_the_proximal_term():
     s = FedProx(opts(FedProx, proximal_mu=mu))
     ins = s.configure(1, 0, start, 0)
     assert ins.config["proximal_mu"] == mu
-    ProxClient(ins, None).on_grads(params)
+    algo = ProxClient(ins, None)
+    algo.on_grads(params)
     for k in params:
         assert torch.allclose(params[k].grad, raw[k] + ref[k].grad, atol=1e-6), k
+    # the metric: ‖μ(θ − θ_global)‖ / ‖g‖ over the whole adapter, g the loss gradient before the term
+    pull = mu * math.sqrt(sum(float((params[k].detach() - start[k]).pow(2).sum()) for k in params))
+    grad = math.sqrt(sum(float(raw[k].pow(2).sum()) for k in params))
+    assert algo.metrics()["prox_ratio"] == pytest.approx(pull / grad, rel=1e-5)
 
 
 # ---------------------------------------------------------------- scaffold
@@ -242,6 +328,55 @@ def test_scaffold_server_hand_computed():
     # θ: example-weighted mean change [0.25, 0.75]; c = 0 + (1/N = 1/4) · ([2, 4] + [2, 0]) = [1, 1]
     assert torch.equal(new["a"], T(0.25, 0.75))
     assert torch.equal(s.configure(2, 3, new, 0).arrays["control"]["a"], T(1.0, 1.0))
+
+
+def test_scaffold_local_sgd_takes_plain_sgd_steps_on_the_corrected_gradient_hand_computed():
+    s = Scaffold(opts(Scaffold, local_optimizer="sgd", local_lr=0.1), num_clients=4)
+    ins = s.configure(1, 0, {"w": T(1.0, -2.0)}, 0)
+    assert (ins.config["local_optimizer"], ins.config["local_lr"]) == ("sgd", 0.1)
+    assert "local_optimizer" not in Scaffold(num_clients=4).configure(1, 0, {"w": T(0.0, 0.0)}, 0).config
+    ins = FitIns(2, 0, {"global": {"w": T(1.0, -2.0)}, "control": {"w": T(1.0, -1.0)}}, ins.config)
+    algo = ScaffoldClient(ins, {"w": T(0.5, 0.5)})
+    p = torch.nn.Parameter(T(1.0, -2.0))
+    train = SimpleNamespace(lr=1e-3, weight_decay=0.01, max_grad_norm=1.0)  # AdamW's settings: not used by SGD
+    opt = algo.make_optimizer([p], train)
+    assert type(opt) is torch.optim.SGD
+    p.grad = T(2.0, 4.0)
+    algo.on_grads({"w": p})
+    opt.step()
+    # corrected gradient g + c − c_k = [2, 4] + [0.5, −1.5] = [2.5, 2.5]; θ = [1, −2] − 0.1 · [2.5, 2.5]
+    assert torch.allclose(p.detach(), T(0.75, -2.25), rtol=0, atol=1e-7)
+    # local_lr = 0: train.lr · √d / train.max_grad_norm, d = 16 coordinates: 1e-3 · 4 / 0.5 = 8e-3
+    derived = ScaffoldClient(FitIns(1, 0, {"global": {}, "control": {}}, {"local_optimizer": "sgd", "local_lr": 0.0}),
+                             None)
+    q = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(13))]
+    opt = derived.make_optimizer(q, SimpleNamespace(lr=1e-3, weight_decay=0.0, max_grad_norm=0.5))
+    assert opt.param_groups[0]["lr"] == pytest.approx(8e-3)
+    with pytest.raises(FeditError, match="set train.max_grad_norm > 0 or strategy.local_lr"):
+        derived.make_optimizer(q, SimpleNamespace(lr=1e-3, weight_decay=0.0, max_grad_norm=0.0))
+    # the default is AdamW, as for every strategy
+    assert type(ScaffoldClient(FitIns(1, 0, {"global": {}, "control": {}}), None).make_optimizer(q, train)) \
+        is torch.optim.AdamW
+
+
+def test_scaffold_local_sgd_runs_in_the_client_loop(tiny_model_dir, partition_dir):
+    """One step of the real client loop with local SGD at rate 0.5 and c = c_k = 0: the adapter moves by
+    exactly −0.5 · g, g the step's gradient (which the client keeps as its c_k⁺); AdamW would move each
+    weight by ±lr instead."""
+    from fedit import client, runner
+    from conftest import tiny_config
+
+    cfg = tiny_config(tiny_model_dir, partition_dir, partition_dir / "unused",
+                      train={"max_steps": 1, "max_grad_norm": 0.0})
+    prep = runner.prepare(cfg)
+    start = prep.loaded.initial_adapter
+    control = {k: torch.zeros_like(v) for k, v in start.items()}
+    ins = FitIns(1, 0, {"global": start, "control": control}, {"state_round": 0, "local_optimizer": "sgd",
+                                                                 "local_lr": 0.5})
+    update, state = client.train(prep.loaded, ins, prep.clients.examples(0), cfg.train, 5, ScaffoldClient, None)
+    for k in start:
+        assert torch.allclose(update.adapter[k], start[k] - 0.5 * state[k], rtol=1e-6, atol=1e-9), k
+    assert any(state[k].abs().max() > 0 for k in start)
 
 
 # ---------------------------------------------------------------- degenerate settings == fedavg, end to end
@@ -328,7 +463,6 @@ def test_scaffold_correction_reaches_the_gradient_before_adamw(tiny_model_dir, p
 def test_every_strategy_trains_and_lowers_the_heldout_loss(tmp_path, tiny_model_dir, partition_dir, name):
     from fedit import server
 
-    _run(tmp_path, tiny_model_dir, partition_dir, name, name, rounds=2,
-         **({"eta": 1e-2} if name.startswith("fedad") or name == "fedyogi" else {}))
+    _run(tmp_path, tiny_model_dir, partition_dir, name, name, rounds=2)  # each at its default options
     losses = [r["eval"]["loss"] for r in server.RunDir(tmp_path / name).events("round")]
     assert losses[2] < losses[0], losses

@@ -10,7 +10,9 @@ A strategy has
   as an iterator: in the in-process simulation each client trains only when the strategy asks
   for the next one, so a streaming strategy holds one client adapter at a time;
 - ``state_dict`` / ``load_state_dict``: every tensor it keeps between rounds, saved with each
-  completed round and restored by ``--resume``;
+  completed round and restored by ``--resume`` (values derived from the data, such as FedAdam's
+  tau, included, so a resumed run uses the same ones);
+- ``derived``: those derived values by name, for the run's records;
 - ``client_algorithm``: the class of its hooks inside the client loop (fedit.protocol).
 
 ``ServerOptimizer`` is the shared base of the algorithms that work on the pseudo-gradient
@@ -68,6 +70,11 @@ class Strategy:
     def aggregate(self, round_num: int, global_adapter: Arrays, updates: Iterable[Update]) -> tuple[Arrays, int]:
         """(next global adapter, number of updates used)."""
         raise NotImplementedError
+
+    def derived(self) -> dict[str, float]:
+        """Settings the strategy set from the data instead of taking them from its options (FedAdam's tau
+        and eta after round 1): for the run's records; {} for none."""
+        return {}
 
     def state_dict(self) -> Arrays:
         return {}

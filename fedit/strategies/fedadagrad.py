@@ -1,14 +1,15 @@
 """FedAdagrad: Reddi et al., "Adaptive Federated Optimization" (ICLR 2021), Algorithm 2.
 
-v ← v + Δ̄² (no decay: the step shrinks as changes accumulate). It has no β2. Its β1 defaults
-to 0 (Flower's FedAdagrad): with β1 = 0.9 the first step would be a tenth of eta. The rest is in
-fedopt.py.
+v ← v + Δ̄² (no decay: the step shrinks as changes accumulate, about as 1/√t for a steady Δ̄).
+It has no β2. Its β1 defaults to 0 (Flower's FedAdagrad, and OpenFedLLM's, which uses no momentum
+for it), so m = Δ̄ and warm_start changes nothing unless β1 is set. The rest (tau and eta derived from
+round 1's Δ̄) is in fedopt.py.
 """
 
 from dataclasses import dataclass
 
 from fedit.fields import option
-from fedit.strategies.fedopt import FedOpt, eta_option, tau_option
+from fedit.strategies.fedopt import FedOpt, eta_option, tau_option, warm_start_option
 
 
 @dataclass(frozen=True)
@@ -17,6 +18,7 @@ class FedAdagradOptions:
     beta_1: float = option(0.0, "First-moment decay β1 (0: no server momentum).", min=0.0, max=1.0,
                            exclusive_max=True)
     tau: float = tau_option()
+    warm_start: bool = warm_start_option()
 
 
 class FedAdagrad(FedOpt):

@@ -2,7 +2,7 @@
 (Yogi: Zaheer et al., NeurIPS 2018).
 
 v ← v − (1 − β2) Δ̄² sign(v − Δ̄²): v moves towards Δ̄² by an additive step, so it grows no faster
-than Adam's and shrinks more slowly. The rest is in fedopt.py.
+than Adam's and shrinks more slowly. The rest (the defaults for LoRA) is in fedopt.py.
 """
 
 import torch
