@@ -55,13 +55,14 @@ def train_flops(model_config, input_tokens: int, labelled_tokens: int) -> float:
     return 4 * per_layer * layers * input_tokens + 4 * vocab * d * labelled_tokens
 
 
-def examples(tokenizer, n: int, cutoff: int, seed: int = 0):
+def examples(tokenizer, n: int, cutoff: int, seed: int = 0, data: str | Path | None = None):
+    """``n`` Dolly examples drawn with ``seed`` from ``data`` (default: the development copy at DOLLY)."""
     import numpy as np
 
     from fedit.data.batches import tokenize
     from fedit.data.records import load_records
 
-    records = load_records(DOLLY).records
+    records = load_records(data or DOLLY).records
     pick = np.random.default_rng(seed).choice(len(records), size=n, replace=False)
     return tokenize([records[i] for i in pick], tokenizer, cutoff)
 
@@ -183,14 +184,16 @@ def fedit_clients(loaded, client_examples: list, batch_size: int, micro: int, lr
 
 
 def run(model_name: str, n_clients: int = 2, per_client: int = 32, cutoff: int = 512, batch_size: int = 32,
-        micro: int = 8, lr: float = 1.5e-4, skip_naive: bool = False, repeats: int = 2) -> dict:
+        micro: int = 8, lr: float = 1.5e-4, skip_naive: bool = False, repeats: int = 2,
+        data: str | Path | None = None) -> dict:
+    """``data``: the Dolly JSONL the examples come from (default DOLLY, ../shared/data)."""
     from fedit.config import LoraConfig, ModelConfig
     from fedit.model import attach_lora, load_base
 
     lora = LoraConfig()
     loaded = load_base(ModelConfig(name=model_name))
     attach_lora(loaded, lora, seed=0)
-    exs = examples(loaded.tokenizer, n_clients * per_client, cutoff)
+    exs = examples(loaded.tokenizer, n_clients * per_client, cutoff, data=data)
     clients = [exs[i * per_client:(i + 1) * per_client] for i in range(n_clients)]
     padded = sum(max(len(e.input_ids) for e in c[i:i + micro]) * len(c[i:i + micro])
                  for c in clients for i in range(0, len(c), micro))

@@ -9,8 +9,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
-DOLLY = SHARED / "dolly" / "dolly-15k.jsonl"
+# Real records for the few tests that need them: small samples kept in the repository (sources,
+# licenses and how they were drawn: tests/data/README.md), so the suite passes on any clone.
+DATA = ROOT / "tests" / "data"
+DOLLY = DATA / "dolly-sample.jsonl"  # 10 records per Dolly category, 80 in all
+VICUNA = DATA / "vicuna-questions-sample.jsonl"  # the 40 odd-numbered Vicuna-80 questions
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -6,9 +6,12 @@ import pytest
 
 from benchmarks import bench, throughput
 
+from conftest import DOLLY
+
 
 def test_throughput_measures_packed_padded_and_naive_on_the_same_tokens(tiny_model_dir):
-    r = throughput.run(str(tiny_model_dir), n_clients=1, per_client=4, cutoff=128, batch_size=4, micro=2, repeats=1)
+    r = throughput.run(str(tiny_model_dir), n_clients=1, per_client=4, cutoff=128, batch_size=4, micro=2, repeats=1,
+                       data=DOLLY)
     real = r["workload"]["real_tokens"]
     assert r["packed"] and r["attention"] == "fedit_cpu_causal"
     # Each side trained every real token once; the naive loop also computed its padding.

@@ -17,9 +17,7 @@ from fedit.evaluation.evaluate import clean_answer, mean_by_category, rouge_l
 from fedit.evaluation.pipeline import run_eval
 from fedit.evaluation.questions import load_questions
 
-from conftest import SHARED, tiny_config, write_jsonl
-
-VICUNA = SHARED / "eval" / "vicuna-80-questions.jsonl"
+from conftest import VICUNA, tiny_config, write_jsonl
 
 
 def test_rouge_l_hand_computed():
@@ -43,11 +41,14 @@ def test_clean_answer_cuts_invented_template_sections():
 
 
 def test_vicuna_subset_is_seeded_and_in_file_order():
+    # the sample holds Vicuna-80's odd question ids 1, 3, ..., 79: ids are not line numbers
     full = load_questions(VICUNA, limit=0)
-    assert full.kind == "vicuna" and len(full.questions) == 80 == full.total and not full.has_references
+    assert full.kind == "vicuna" and len(full.questions) == 40 == full.total and not full.has_references
+    assert [int(q.id) for q in full.questions] == list(range(1, 80, 2))
     a, b, c = (load_questions(VICUNA, limit=20, seed=s) for s in (42, 42, 7))
     ids = [int(q.id) for q in a.questions]
-    assert len(ids) == 20 == len(set(ids)) and ids == sorted(ids) and a.total == 80
+    assert len(ids) == 20 == len(set(ids)) and ids == sorted(ids) and a.total == 40
+    assert set(ids) <= set(range(1, 80, 2))
     assert [q.id for q in b.questions] == [q.id for q in a.questions]
     assert [q.id for q in c.questions] != [q.id for q in a.questions]
     first = {q.id: q for q in full.questions}["1"]
