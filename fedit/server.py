@@ -28,11 +28,12 @@ from typing import Callable, Iterable, Iterator, Protocol
 import torch
 
 from fedit import config as config_mod
-from fedit import hetero, reporting
+from fedit import boundary, hetero, reporting
 from fedit.checkpoint import atomic_write, atomic_write_json
 from fedit.config import Config
 from fedit.errors import FeditError
 from fedit.adapter import Adapter, load_adapter_file
+from fedit.boundary import check_update  # noqa: F401  (re-exported: it lived here)
 from fedit.evaluation import federated
 from fedit.protocol import ADAPTER, CLIP, GLOBAL, EvalIns, Evaluation, Failure, FitIns, Summed, Update, nbytes
 from fedit.strategies import build as build_strategy
@@ -79,9 +80,17 @@ class RunDir:
         return json.loads(self.state.read_text()) if self.state.exists() else None
 
     def append(self, **event) -> None:
+        # Client data reaches here cleaned (fedit/boundary.py); should anything still be beyond JSON (bytes,
+        # tuple keys, a container holding itself, an int of 5000 digits) or huge, the line is written in a
+        # bounded form instead of being lost or stopping the run.
+        try:
+            line = json.dumps(event)
+        except (TypeError, ValueError, RecursionError):
+            line = None
+        if line is None or len(line) > boundary.MAX_LINE:
+            line = json.dumps(boundary.jsonable(event))
         with open(self.metrics, "a", encoding="utf-8") as f:
-            # default=repr: a value a client sent that JSON cannot hold (bytes, say) is logged as its repr
-            f.write(json.dumps(event, default=repr) + "\n")
+            f.write(line + "\n")
             f.flush()
             os.fsync(f.fileno())
 
@@ -96,45 +105,6 @@ class RunDir:
         if self.metrics.exists():
             with open(self.metrics, "r+b") as f:
                 f.truncate(offset)
-
-
-def check_update(u: Update, reference: Adapter, groups: tuple[str, ...] = (ADAPTER,), *,
-                 max_examples: int | None = None, max_value: float = float("inf")) -> str | None:
-    """Why an update must not enter aggregation, or None if it may: the trust boundary.
-
-    Every array group the strategy expects must hold exactly the global adapter's keys and shapes,
-    as floating-point tensors with finite values no larger than ``max_value``; the example count
-    must be a positive whole number (not a bool) no larger than ``max_examples`` where the server
-    knows the client's size. Anything a client can send, of any type, gives a reason, never an error.
-    """
-    n = u.num_examples
-    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
-        return f"num_examples = {n!r:.40}, expected a positive whole number"
-    if max_examples is not None and n > max_examples:
-        return f"num_examples = {n} is more than this client can have trained on ({max_examples})"
-    if not isinstance(u.arrays, dict) or set(u.arrays) != set(groups):
-        got = sorted(map(str, u.arrays)) if isinstance(u.arrays, dict) else type(u.arrays).__name__
-        return f"array groups {got}, expected {sorted(groups)}"
-    for group in groups:
-        arrays = u.arrays[group]
-        if not isinstance(arrays, dict) or set(arrays) != set(reference):
-            keys = set(arrays) if isinstance(arrays, dict) else set()
-            missing, extra = set(reference) - keys, keys - set(reference)
-            return f"{group}: keys differ from the global adapter (missing {len(missing)}, unexpected {len(extra)})"
-        for k, ref in reference.items():
-            v = arrays[k]
-            if not isinstance(v, torch.Tensor):
-                return f"{group}: {k} is a {type(v).__name__}, not a tensor"
-            if not v.dtype.is_floating_point:
-                return f"{group}: {k} has dtype {str(v.dtype).replace('torch.', '')}, expected floating point"
-            if tuple(v.shape) != tuple(ref.shape):
-                return f"{group}: {k} has shape {tuple(v.shape)}, expected {tuple(ref.shape)}"
-            if not torch.isfinite(v).all():
-                return f"{group}: {k} contains NaN or Inf"
-            largest = float(v.abs().max()) if v.numel() else 0.0
-            if largest > max_value:
-                return f"{group}: {k} holds values up to {largest:.3g}, beyond federation.max_value = {max_value:g}"
-    return None
 
 
 def run(cfg: Config, runtime: Runtime, run_dir: str | Path, *, client_ids: list[int], initial_adapter: Adapter,
@@ -285,8 +255,12 @@ def run(cfg: Config, runtime: Runtime, run_dir: str | Path, *, client_ids: list[
                 rd.append(event="stop", round=r - 1, reason=over)
                 break
             t0 = time.perf_counter()
+            pool = client_ids
+            if hasattr(runtime, "available") and dp is None:  # a deployment: pick among the sites connected now
+                here = set(runtime.available(r, k))
+                pool = [c for c in client_ids if c in here] or client_ids  # none: the round fails and says why
             selected = dp.select(client_ids) if dp is not None and dp.q is not None else \
-                strategy.select(r, client_ids, k, fed.seed)
+                strategy.select(r, pool, min(k, len(pool)), fed.seed)
             hooks.round_start(r, selected)
             instructions = [strategy.configure(r, cid, global_adapter, client_rounds.get(cid, 0)) for cid in selected]
             if dp is not None and secure:  # the server never sees a single change: each client clips its own
@@ -304,53 +278,85 @@ def run(cfg: Config, runtime: Runtime, run_dir: str | Path, *, client_ids: list[
                 client_rows.append(event)
 
             def accepted(updates: Iterable[Update | Failure]) -> Iterator[Update]:
-                # A bad update is logged with its reason and left out: it never reaches the aggregate.
+                # A bad reply is logged with its reason and left out: it never reaches the aggregate, and what
+                # goes on (aggregate, metrics.jsonl, reporters) gets the clean copy fedit/boundary.py makes.
+                # What the runtime itself raises still stops the round; what a reply makes a check raise does not.
                 for u in updates:
-                    if isinstance(u, Summed):
-                        yield from summed(u)
+                    try:
+                        ok = summed(u) if isinstance(u, Summed) else screened(u)
+                    except Exception as e:
+                        problem = f"the reply could not be checked ({type(e).__name__}: {boundary.text(str(e), 200)})"
+                        log_client(client=None, accepted=False, reason=problem)
+                        log.warning("round %d: a reply was rejected: %s", r, problem)
+                        rejected.append({"client": None, "reason": problem})
                         continue
-                    if isinstance(u, Failure):
-                        log_client(client=u.client_id, accepted=False, reason=u.reason)
-                        log.warning("round %d: client %s dropped: %s", r, u.client_id, u.reason)
-                        rejected.append({"client": u.client_id, "reason": u.reason})
-                        continue
-                    ins = sent.get(u.client_id) if isinstance(u.client_id, int) else None
-                    if ins is None or u.client_id in accepted_ids:
-                        problem = f"client {u.client_id!r:.40} was not asked for one update this round"
-                    else:  # checked against what this client was sent: its own rank and modules
-                        problem = check_update(u, ins.global_adapter, strategy.reply_groups,
-                                               max_examples=example_cap(u.client_id), max_value=fed.max_value)
-                    extra = {"rank": plan.profile(u.client_id).r, "trainable_params": sum(
-                        v.numel() for v in ins.global_adapter.values())} if ins else {}
-                    if problem is None:  # ‖θ_k − θ‖ before any bound: what max_update_norm and privacy.clipping_norm act on
-                        extra["update_norm"] = update_norm(u.adapter, ins.global_adapter)
-                    log_client(client=u.client_id, num_examples=u.num_examples, accepted=problem is None, reason=problem,
-                               bytes_down=down.get(u.client_id, 0), bytes_up=nbytes(u.arrays) if problem is None else None,
-                               **extra, metrics=u.metrics)
-                    if problem:
-                        log.warning("round %d: update of client %s rejected: %s", r, u.client_id, problem)
-                        rejected.append({"client": u.client_id, "reason": problem})
-                    else:
-                        accepted_ids.append(u.client_id)
-                        yield plan.up(u, global_adapter) if plan.active and plan.mode == "factors" else u
+                    if ok is not None:
+                        yield ok
 
-            def summed(u: Summed) -> Iterator[Summed]:
-                # Secure aggregation: the sum is checked as a whole (shapes, finite); its clients are logged
-                # with what each reported in the clear; it enters aggregation whole or not at all.
-                ids = [c for c in u.clients if c in sent and c not in accepted_ids]
-                ref = sent[ids[0]].global_adapter if ids else None
-                problem = "the sum names clients that were not asked for one update this round" if len(ids) != len(
-                    u.clients) or not ids else check_update(Update(-1, u.arrays, len(ids)), ref)
-                for c in u.clients:
+            def screened(u) -> Update | None:
+                if isinstance(u, Failure):
+                    cid, reason = boundary.scalar(u.client_id), boundary.text(u.reason)
+                    log_client(client=cid, accepted=False, reason=reason)
+                    log.warning("round %d: client %s dropped: %s", r, cid, reason)
+                    rejected.append({"client": cid, "reason": reason})
+                    return None
+                if not isinstance(u, Update):
+                    problem = f"the runtime yielded a {type(u).__name__}, not an Update"
+                    log_client(client=None, accepted=False, reason=problem)
+                    log.warning("round %d: a reply was rejected: %s", r, problem)
+                    rejected.append({"client": None, "reason": problem})
+                    return None
+                cid = u.client_id
+                ins = sent.get(cid) if boundary.is_id(cid) else None
+                metrics, dropped = boundary.clean_metrics(u.metrics)
+                clean, out = None, None
+                if ins is None or cid in accepted_ids:
+                    problem = f"client {boundary.describe(cid)} was not asked for one update this round"
+                else:  # checked against what this client was sent: its own rank and modules
+                    clean, problem = boundary.screen_update(u, ins.global_adapter, strategy.reply_groups,
+                                                            max_examples=example_cap(cid), max_value=fed.max_value)
+                extra = {"rank": plan.profile(cid).r, "trainable_params": sum(
+                    v.numel() for v in ins.global_adapter.values())} if ins else {}
+                if clean is not None:  # ‖θ_k − θ‖ before any bound: what max_update_norm and privacy.clipping_norm act on
+                    extra["update_norm"] = update_norm(clean.adapter, ins.global_adapter)
+                    out = plan.up(clean, global_adapter) if plan.active and plan.mode == "factors" else clean
+                if dropped:
+                    extra["metrics_dropped"] = boundary.summary(dropped)
+                    log.warning("round %d: client %s: %d metric(s) dropped: %s", r, boundary.describe(cid),
+                                len(dropped), "; ".join(boundary.summary(dropped)[:2]))
+                n = u.num_examples  # logged as sent when it is a plain count, left out (the reason names it) if not
+                log_client(client=cid if ins else boundary.scalar(cid),
+                           **({"num_examples": n} if boundary.is_id(n) and abs(n) <= 2**63 else {}),
+                           accepted=clean is not None, reason=problem, bytes_down=down.get(cid, 0) if ins else 0,
+                           bytes_up=nbytes(clean.arrays) if clean else None, **extra, metrics=metrics)
+                if clean is None:
+                    log.warning("round %d: update of client %s rejected: %s", r, boundary.describe(cid), problem)
+                    rejected.append({"client": cid if ins else boundary.scalar(cid), "reason": problem})
+                    return None
+                accepted_ids.append(cid)
+                return out
+
+            def summed(u: Summed) -> Summed | None:
+                # Secure aggregation: the sum is checked as a whole (its clients, shapes, finite); its clients are
+                # logged with what each reported in the clear; it enters aggregation whole or not at all.
+                named = boundary.summed_clients(u.clients, sent, accepted_ids)
+                clean, problem = None, named.problem
+                if problem is None:
+                    clean, problem = boundary.screen_summed(u, named.ids, sent[named.ids[0]].global_adapter)
+                metrics = boundary.summed_metrics(u.metrics, named.ids)
+                for c in named.ids or [None]:
+                    m, dropped = metrics.get(c, ({}, []))
                     log_client(client=c, accepted=problem is None, reason=problem, secure=True,
-                               bytes_down=down.get(c, 0), metrics=u.metrics.get(c, {}))
+                               bytes_down=down.get(c, 0), metrics=m,
+                               **({"metrics_dropped": boundary.summary(dropped)} if dropped else {}))
                 if problem:
-                    log.warning("round %d: the securely aggregated sum of clients %s rejected: %s", r, u.clients,
+                    log.warning("round %d: the securely aggregated sum of clients %s rejected: %s", r, named.ids,
                                 problem)
-                    rejected.extend({"client": c, "reason": problem} for c in u.clients)
-                    return
-                accepted_ids.extend(ids)
-                yield u
+                    rejected.extend({"client": c, "reason": problem} for c in named.ids or [None])
+                    return None
+                accepted_ids.extend(named.ids)
+                clean.metrics = {c: m for c, (m, _) in metrics.items()}
+                return clean
 
             replies = accepted(runtime.fit(r, instructions))
             if plan.mode == "product":
@@ -367,6 +373,8 @@ def run(cfg: Config, runtime: Runtime, run_dir: str | Path, *, client_ids: list[
             client_rounds.update({cid: r for cid in accepted_ids})
             row = {"event": "round", "round": r, "clients": selected, "accepted": used, "rejected": rejected,
                    "train_seconds": round(time.perf_counter() - t0, 3)}
+            if len(pool) < len(client_ids):  # the sites that could be picked: those connected at the round's start
+                row["available"] = pool
             if dp is not None:
                 row["privacy"] = dict(dp.last_report)
             if strategy.kept_clients is not None:

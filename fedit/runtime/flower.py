@@ -55,7 +55,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
@@ -72,6 +72,7 @@ RUN_CONFIG = {
     "resume": "",  # a run directory on the server machine to continue
     "min-nodes": 0,  # wait for this many SuperNodes before round 1; 0: every client of the manifest
     "node-wait": 600.0,  # seconds to wait for them
+    "bindings": "",  # `fedit server`: JSON {node id: client id} of the registered site keys
 }
 
 
@@ -101,19 +102,22 @@ def record_to_adapter(record: ArrayRecord):
 
 client_app = ClientApp()
 
-_MODEL_CACHE: dict[tuple, object] = {}  # survives only where the process does (Ray simulation actors)
-
-
-def _node_identity(context: Context, cfg: Config | None) -> tuple[int, Path | None]:
-    """(client id, data file) of this SuperNode, from its node config."""
+def _node_identity(context: Context, cfg: Config | None, wanted: int | None = None) -> tuple[int, Path | None]:
+    """(client id, data file) of this SuperNode: the client id from its node config, or, for a site started
+    with `fedit site` (node config ``site``: it is known to the server by its authentication key), the id the
+    server's message names."""
     nc = context.node_config
     if "client-id" in nc:
         cid = nc["client-id"]
     elif "partition-id" in nc:  # Flower's simulation runtime: virtual node i is client i
         cid = nc["partition-id"]
+    elif "site" in nc and wanted is not None:
+        cid = wanted
+    elif "site" in nc:
+        raise FeditError(f"site {nc['site']} is known to the server by its key: start the run with `fedit server`")
     else:
-        raise FeditError("this SuperNode has no client-id in its node config; start it with "
-                         "--node-config 'client-id=N data-path=\"/path/to/client_N.jsonl\"'")
+        raise FeditError("this SuperNode has no client-id in its node config; start it with `fedit site`, or "
+                         "with --node-config 'client-id=N data-path=\"/path/to/client_N.jsonl\"'")
     if isinstance(cid, bool) or not isinstance(cid, int):
         raise FeditError(f"node config client-id = {cid!r}: expected a whole number")
     if "data-path" in nc:
@@ -135,21 +139,28 @@ def _query(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"node": ConfigRecord({"client-id": cid, "data-path": str(path or "")})}), reply_to=msg)
 
 
-def _load_model(cfg: Config, model_name: str):
-    from fedit.model import attach_lora, load_base
-
-    mcfg = config_mod.ModelConfig(**{**cfg.to_dict()["model"], "name": model_name})
-    key = (repr(mcfg), repr(cfg.lora), cfg.federation.seed)
-    if key not in _MODEL_CACHE:
-        _MODEL_CACHE.clear()
-        loaded = load_base(mcfg)
-        attach_lora(loaded, cfg.lora, cfg.federation.seed)
-        _MODEL_CACHE[key] = loaded
-    return _MODEL_CACHE[key]
-
-
 ARRAYS = "arrays."  # record-name prefix of an array group
 STATE = "fedit-state-"  # context.state key prefix of a client algorithm's state, + the round it was made in
+
+
+class ContextState:
+    """A client algorithm's state in Flower's node context (a plain SuperNode's memory: lost when it stops)."""
+
+    def __init__(self, context: Context):
+        self.state = context.state
+
+    def load(self, client_id: int, round_num: int):
+        if STATE + str(round_num) not in self.state:
+            raise FeditError(f"client {client_id} has no state from round {round_num} (the server accepted its update "
+                             f"then); was this SuperNode restarted? Its algorithm state lives in the SuperNode "
+                             f"process (`fedit site` keeps it on the site's disk)")
+        return record_to_adapter(self.state[STATE + str(round_num)])
+
+    def save(self, client_id: int, round_num: int, state, keep: int) -> None:
+        self.state[STATE + str(round_num)] = adapter_to_record(state)
+        for key in [k for k in self.state.keys() if k.startswith(STATE)]:
+            if key not in (STATE + str(round_num), STATE + str(keep)):
+                del self.state[key]
 
 
 def fitins_to_content(ins, cfg_text: str) -> RecordDict:
@@ -170,53 +181,66 @@ def content_to_fitins(content: RecordDict):
     return FitIns(int(conf["round"]), int(conf["client-id"]), _array_groups(content), dict(content["fitins"]))
 
 
-def _site_records(path: Path, cfg: Config, cid: int) -> tuple[list, list]:
-    """(training records, validation records) of this site's data file: the same split as the simulation's
-    (fedit.data.partition.split_validation, from data.seed and the client id)."""
-    from fedit.data.partition import split_validation
-    from fedit.data.records import load_records
-
-    records = load_records(path).records
-    train, val = split_validation(len(records), cfg.data.client_validation, cfg.data.seed, cid)
-    return [records[i] for i in train], [records[i] for i in val]
-
-
 def _message_setup(msg: Message, context: Context) -> tuple[Config, int, Path]:
     """The config a message carries and this node's client id and data file, checked against the message."""
     cfg = config_from_text(str(msg.content["config"]["fedit-config"]), "the fedit config sent by the server")
-    cid, path = _node_identity(context, cfg)
     wanted = int(msg.content["config"]["client-id"])
+    cid, path = _node_identity(context, cfg, wanted)
     if cid != wanted:
         raise FeditError(f"this SuperNode is client {cid}, but the message is for client {wanted}")
     if path is None:
         raise FeditError("this SuperNode has no data-path in its node config and the server's data.clients_dir is "
-                         "not set; start it with --node-config 'client-id=N data-path=\"/path/to/client_N.jsonl\"'")
+                         "not set; start it with `fedit site --data FILE`, or with --node-config 'client-id=N "
+                         "data-path=\"/path/to/client_N.jsonl\"'")
     return cfg, cid, path
+
+
+def _worker(context: Context, kind: str, msg: Message) -> dict | None:
+    """The site worker's answer to this message (`fedit site`: the model stays loaded there), or None where the
+    SuperNode has no worker and this process does the work itself."""
+    from fedit import site
+
+    nc = context.node_config
+    if "worker" not in nc:
+        return None
+    conf = msg.content["config"]
+    arrays = {name[len(ARRAYS):]: {k: a.numpy() for k, a in rec.items()} for name, rec in msg.content.items()
+              if name.startswith(ARRAYS)}
+    answer = site.call(str(nc["worker"]), Path(str(nc["worker-key"])).read_bytes(), {
+        "kind": kind, "config": str(conf["fedit-config"]), "round": int(conf["round"]),
+        "client_id": int(conf["client-id"]), "fitins": dict(msg.content["fitins"]) if "fitins" in msg.content else {},
+        "arrays": arrays})
+    if "error" in answer:
+        raise FeditError(answer["error"])
+    return answer
+
+
+def _local_work(context: Context, path: Path):
+    from fedit.site import SiteWork
+
+    model = context.node_config.get("model")
+    return SiteWork(path, ContextState(context), str(model) if model else None)
 
 
 @client_app.evaluate()
 def _evaluate(msg: Message, context: Context) -> Message:
     """Federated evaluation: score the global adapter on this site's validation split; reply with its loss
     sums and counts per category (fedit.protocol.Evaluation) and nothing else."""
-    t0 = time.perf_counter()
-    from fedit.data.batches import tokenize
     from fedit.protocol import EvalIns
-    from fedit.runtime.simulation import evaluate_client
 
     cfg, cid, path = _message_setup(msg, context)
-    loaded = _load_model(cfg, str(context.node_config.get("model", cfg.model.name)))
-    load_seconds = time.perf_counter() - t0
-    t = cfg.train
-    examples = tokenize(_site_records(path, cfg, cid)[1], loaded.tokenizer, cfg.eval.cutoff_len or t.cutoff_len,
-                        t.train_on_inputs, cfg.data.template)
-    conf = msg.content["config"]
-    e = evaluate_client(loaded, EvalIns(int(conf["round"]), cid, _array_groups(msg.content)), examples, cfg)
-    cats = sorted(e.by_category)
+    answer = _worker(context, "evaluate", msg)
+    if answer is not None:
+        by_category, examples = answer["evaluation"]["by_category"], answer["evaluation"]["examples"]
+    else:
+        e = _local_work(context, path).evaluate(cfg, EvalIns(int(msg.content["config"]["round"]), cid,
+                                                            _array_groups(msg.content)))
+        by_category, examples = e.by_category, e.examples
+    cats = sorted(by_category)
     return Message(RecordDict({"evaluation": ConfigRecord({
-        "client-id": cid, "examples": e.examples, "categories": cats,
-        "loss-sums": [float(e.by_category[c][0]) for c in cats], "tokens": [e.by_category[c][1] for c in cats],
-        "counts": [e.by_category[c][2] for c in cats]}),
-        "metrics": MetricRecord({"load_seconds": round(load_seconds, 3)})}), reply_to=msg)
+        "client-id": cid, "examples": examples, "categories": cats,
+        "loss-sums": [float(by_category[c][0]) for c in cats], "tokens": [by_category[c][1] for c in cats],
+        "counts": [by_category[c][2] for c in cats]})}), reply_to=msg)
 
 
 def reply_to_evaluation(content: RecordDict, cid: int):
@@ -240,52 +264,31 @@ def reply_to_evaluation(content: RecordDict, cid: int):
 
 @client_app.train(mods=[secagg_if_configured])
 def _train(msg: Message, context: Context) -> Message:
-    t0 = time.perf_counter()
-    from fedit import client
-    from fedit.data.batches import tokenize
-    from fedit.protocol import STATE_ROUND
-    from fedit.strategies import STRATEGIES
-
     cfg, cid, path = _message_setup(msg, context)
-    ins = content_to_fitins(msg.content)
     secure = is_secure(msg.content)
     if context.node_config.get("secure-aggregation", False) is True and not secure:
         raise FeditError(f"client {cid} sends its change only through secure aggregation (node config "
                          f"secure-aggregation=true) and this round asked for it in the clear: refused")
-    model_name = str(context.node_config.get("model", cfg.model.name))
-    loaded = _load_model(cfg, model_name)
-    load_seconds = time.perf_counter() - t0
-    t = cfg.train
-    examples = tokenize(_site_records(path, cfg, cid)[0], loaded.tokenizer, t.cutoff_len, t.train_on_inputs,
-                        cfg.data.template)
-    if not examples:
-        raise FeditError(f"{path} holds no usable records")
-    algorithm = STRATEGIES[cfg.federation.strategy].client_algorithm
-    kept = int(ins.config.get(STATE_ROUND, 0)) if algorithm.stateful else 0
-    state = None
-    if kept:
-        if STATE + str(kept) not in context.state:
-            raise FeditError(f"client {cid} has no state from round {kept} (the server accepted its update then); "
-                             f"was this SuperNode restarted? Its algorithm state lives in the SuperNode process")
-        state = record_to_adapter(context.state[STATE + str(kept)])
-    update, new_state = client.train(loaded, ins, examples, t, client.seed_for(cfg.federation.seed, ins.round, cid),
-                                     algorithm, state)
-    if new_state is not None:
-        context.state[STATE + str(ins.round)] = adapter_to_record(new_state)
-        for key in [k for k in context.state.keys() if k.startswith(STATE)]:
-            if key not in (STATE + str(ins.round), STATE + str(kept)):
-                del context.state[key]
-    metrics = {k: v for k, v in update.metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    metrics["load_seconds"] = round(load_seconds, 3)
+    answer = _worker(context, "train", msg)
+    if answer is not None:  # the worker trained: relay its arrays as they are (no torch in this process)
+        metrics, num = answer["metrics"], answer["num_examples"]
+        groups = {g: ArrayRecord({k: Array(v) for k, v in arrays.items()}) for g, arrays in answer["arrays"].items()}
+    else:
+        update, _ = _local_work(context, path).train(cfg, content_to_fitins(msg.content))
+        metrics, num = update.metrics, update.num_examples
+        groups = {g: adapter_to_record(a) for g, a in update.arrays.items()}
+    metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     if secure:  # in the clear beside the masked change: who, how long, how many values the range clipped
-        arrays, clipped = secure_change(ins, update, msg.content["secure"])
-        plain = {"seconds": metrics.get("seconds", 0.0), "load_seconds": metrics["load_seconds"],
+        from fedit.protocol import Update
+
+        update = Update(cid, {g: record_to_adapter(rec) for g, rec in groups.items()}, num, metrics)
+        arrays, clipped = secure_change(content_to_fitins(msg.content), update, msg.content["secure"])
+        plain = {"seconds": metrics.get("seconds", 0.0), "load_seconds": metrics.get("load_seconds", 0.0),
                  "secagg_clipped_values": clipped}
         return Message(secure_reply(arrays, {CLIENT_ID: cid, **{METRIC + k: v for k, v in plain.items()}}),
                        reply_to=msg)
-    records = {"reply": ConfigRecord({"client-id": cid, "num-examples": update.num_examples}),
-               "metrics": MetricRecord(metrics)}
-    records.update({ARRAYS + g: adapter_to_record(a) for g, a in update.arrays.items()})
+    records = {"reply": ConfigRecord({"client-id": cid, "num-examples": num}), "metrics": MetricRecord(metrics)}
+    records.update({ARRAYS + g: rec for g, rec in groups.items()})
     return Message(RecordDict(records), reply_to=msg)
 
 
@@ -352,16 +355,29 @@ def _error_text(reply: Message) -> str:
 
 @dataclass
 class Nodes:
-    """Which connected SuperNode is which fedit client; learnt with one query message per new node."""
+    """Which connected SuperNode is which fedit client: learnt with one query message per new node, or, where
+    `fedit server` registered each site's authentication key, bound to the node id that key was given
+    (``bindings``): a node then cannot claim another site's client id, whatever its node config says."""
 
     grid: Grid
     node_wait: float = 30.0
     by_client: dict[int, int] = field(default_factory=dict)  # client id -> node id
     known: dict[int, int | None] = field(default_factory=dict)  # node id -> client id (None: unusable)
+    bindings: dict[int, int] | None = None  # node id -> client id, from the registered keys
 
     def refresh(self, wait: float | None = None) -> None:
         """Drop nodes that left; ask the new ones who they are."""
         connected = set(self.grid.get_node_ids())
+        if self.bindings is not None:
+            for node in sorted(connected - set(self.known)):
+                self.known[node] = self.bindings.get(node)
+                if self.known[node] is None:
+                    log.warning("SuperNode %s has no registered site key: it takes no part", node)
+                else:
+                    log.info("SuperNode %s is client %s (by its key)", node, self.known[node])
+            self.by_client = {c: n for n, c in self.bindings.items() if n in connected}
+            self.known = {n: c for n, c in self.known.items() if n in connected}
+            return
         for node in list(self.known):
             if node not in connected:
                 cid = self.known.pop(node)
@@ -466,6 +482,17 @@ class FlowerRuntime:
                 return
             if pending:
                 time.sleep(self.poll)
+
+    def available(self, round_num: int, wanted: int) -> list[int]:
+        """The clients whose SuperNode is connected now; waits up to federation.round_timeout for ``wanted`` of
+        them, so a round never stalls on a site that is gone, and a site that (re)joined is picked again."""
+        timeout = self.cfg.federation.round_timeout
+        deadline = time.monotonic() + timeout
+        while True:
+            self.nodes.refresh(wait=min(self.nodes.node_wait, 30.0))
+            if len(self.nodes.by_client) >= wanted or time.monotonic() >= deadline:
+                return sorted(self.nodes.by_client)
+            time.sleep(1.0)
 
     def fit(self, round_num: int, instructions: list) -> Iterator:
         by_node, missing = self._nodes_of(instructions)
@@ -608,10 +635,13 @@ def serve(grid: Grid, rc: dict) -> Path:
                          "remove the [attack] table")
     prep = prepare_server(cfg)
 
-    nodes = Nodes(grid, node_wait=float(rc["node-wait"]))
+    bindings = {int(n): int(c) for n, c in json.loads(str(rc["bindings"] or "{}")).items()} or None
+    nodes = Nodes(grid, node_wait=float(rc["node-wait"]), bindings=bindings)
     saved = json.loads((run_dir / "run.json").read_text()).get("flower", {}) if resume and (run_dir / "run.json").exists() else {}
     if saved.get("client_ids"):
         client_ids = list(saved["client_ids"])
+    elif bindings:  # `fedit server`: every site whose key it registered
+        client_ids = sorted(set(bindings.values()))
     elif prep["manifest_ids"]:
         client_ids = prep["manifest_ids"]
     else:

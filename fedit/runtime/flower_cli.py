@@ -157,6 +157,7 @@ fedit-config = ""
 resume = ""
 min-nodes = 0
 node-wait = 600.0
+bindings = ""
 """)
     return target
 
