@@ -123,7 +123,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class FederationConfig:
-    rounds: int = _f(20, "Communication rounds (the paper: 20).", min=1)
+    rounds: int = _f(20, "Communication rounds (the paper: 20; at most 1,000,000).", min=1, max=1_000_000)
     clients_per_round: int = _f(5, "Clients picked per round (the paper: 5 of 100); ignored if fraction > 0.", min=1)
     fraction: float = _f(0.0, "Fraction of clients picked per round; 0 means use clients_per_round.", min=0.0, max=1.0)
     strategy: str = _f("fedavg", "Federated algorithm: fedavg, fedprox, fedavgm, fedadam, fedyogi, fedadagrad, "
@@ -131,13 +131,19 @@ class FederationConfig:
     seed: int = _f(42, "Seed for client selection, data order, dropout and LoRA init.", min=0)
     min_replies: int = _f(1, "A round needs at least this many valid client updates, else the run stops.", min=1)
     aggregator: str = _f("mean", "How the round's client changes are combined: 'mean' (weighted by examples, the "
-                         "paper's), or robust to a minority of bad clients, weighting clients equally: 'median', "
-                         "'trimmed_mean', 'krum', 'multikrum' (see fedit/aggregators.py).",
-                         choices=("mean", "median", "trimmed_mean", "krum", "multikrum"))
-    trim_fraction: float = _f(0.1, "trimmed_mean: share of values dropped at each end, per coordinate.", min=0.0,
-                              max=0.5, exclusive_max=True)
-    byzantine_clients: int = _f(0, "krum, multikrum: f, the number of bad clients per round to tolerate "
-                                   "(needs clients_per_round > 2f + 2).", min=0)
+                         "paper's; one client can move it arbitrarily far), or robust to a minority of bad clients, "
+                         "weighting clients equally: 'median', 'trimmed_mean', 'krum', 'multikrum' (see "
+                         "fedit/aggregators.py); the run's first lines say how many bad clients per round it "
+                         "tolerates.", choices=("mean", "median", "trimmed_mean", "krum", "multikrum"))
+    trim_fraction: float = _f(0.1, "trimmed_mean only: share β of values dropped at each end, per coordinate; "
+                                   "⌊β·K⌋ of a round of K must be at least 1 (it tolerates that many bad clients).",
+                              min=0.0, max=0.5, exclusive_max=True)
+    byzantine_clients: int = _f(0, "krum, multikrum only: f >= 1, the bad clients per round to tolerate (needs "
+                                   "clients per round > 2f + 2); or state federation.assumed_bad_fraction.", min=0)
+    assumed_bad_fraction: float = _f(0.0, "trimmed_mean, krum, multikrum: the share of each round's clients you "
+                                          "assume may be bad (e.g. 0.2); it sets trimmed_mean's trim_fraction to "
+                                          "itself and Krum's f to ⌊share × clients_per_round⌋, in place of those "
+                                          "keys; 0: not stated.", min=0.0, max=0.5, exclusive_max=True)
     max_update_norm: float = _f(0.0, "Bound on the L2 norm of each client's change (over all adapter tensors), "
                                      "applied before any aggregator; 0: none.", min=0.0)
     max_value: float = _f(1e4, "A reply holding an adapter value larger than this in absolute value is "
@@ -264,8 +270,8 @@ class SecAggConfig:
                                     "clipping norm is used instead.", min=0.0, exclusive_min=True)
     quantization_range: int = _f(4194304, "SecAgg+: Q, the integers [0, Q] a value is quantised to; the sum is "
                                           "off by at most clients·2c/Q per value.", min=2)
-    modulus_range: int = _f(4294967296, "SecAgg+: the modulus of the masked sums, a power of 2 above clients·Q.",
-                            min=2)
+    modulus_range: int = _f(4294967296, "SecAgg+: the modulus of the masked sums, a power of 2 above clients·Q, "
+                                        "at most 2**32 (Flower's).", min=2, max=2**32)
 
 
 @dataclass(frozen=True)
@@ -322,6 +328,9 @@ class Config:
         d = self.to_dict()
         if sections.get("federation", {}).get("strategy", self.federation.strategy) != self.federation.strategy:
             d["strategy"] = {}
+        if self.federation.assumed_bad_fraction:  # they were derived from it: derive them again from the new config
+            for key in ("byzantine_clients", "trim_fraction"):
+                d["federation"][key] = getattr(FederationConfig(), key)
         return from_dict({**d, **{k: {**d[k], **v} for k, v in sections.items()}})
 
 
@@ -337,8 +346,125 @@ def _sections() -> dict[str, type]:
             if f.name != "strategy"}
 
 
-def from_dict(raw: dict[str, Any], source: str = "config") -> Config:
-    """Build a validated Config; unknown keys and bad values are all reported together."""
+_TRIM_DEFAULT = FederationConfig().trim_fraction
+
+# A feature's switch, its value when off, and how to turn it on: every other key of the section acts only
+# while the switch is on, so a key the user sets while it is off is refused (see ``unused_settings``).
+SWITCHES = {
+    "privacy": ("enabled", False, "set privacy.enabled = true"),
+    "secagg": ("enabled", False, "set secagg.enabled = true (on Flower: fedit flower run --secure-aggregation)"),
+    "attack": ("kind", "none", "set attack.kind (sign_flip, scale, noise, lie_examples or backdoor)"),
+    "canary": ("client", -1, "set canary.client to the id of the client whose data gets them"),
+}
+# The aggregator options, and the aggregators that read them.
+AGGREGATOR_OPTIONS = {"trim_fraction": ("trimmed_mean",), "byzantine_clients": ("krum", "multikrum"),
+                      "assumed_bad_fraction": ("trimmed_mean", "krum", "multikrum")}
+
+
+def unused_settings(cfg: Config, given: set[str]) -> list[str]:
+    """The settings the user gave (``given``: "section.key") that would do nothing in this config, one
+    message per switched-off feature or unread option, each naming the switch or the fix.
+
+    The switch is never implied by its parameters: it decides what the run is (private, attacked...), so a
+    leftover or mistyped parameter must not turn it on; the user says it."""
+    out = []
+    for section, (switch, off, how) in SWITCHES.items():
+        if getattr(getattr(cfg, section), switch) != off:
+            continue
+        keys = sorted(k for k in given if k.startswith(section + ".") and k != f"{section}.{switch}")
+        if keys:
+            what = {"privacy": "this run would have no differential privacy at all",
+                    "secagg": "the server would see every client's change",
+                    "attack": "no client would attack", "canary": "no canary would be inserted"}[section]
+            out.append(f"{', '.join(keys)} {_verb(keys, 'is', 'are')} set but {section}.{switch} = "
+                       f"{_toml(off)}: {what}; {how}, or remove {_verb(keys, 'it', 'them')}")
+    p, a = cfg.privacy, cfg.attack
+    if p.enabled and not p.adaptive:
+        keys = sorted(f"privacy.{k}" for k in ("target_quantile", "clip_learning_rate", "count_noise")
+                      if f"privacy.{k}" in given)
+        if keys:
+            out.append(f"{', '.join(keys)} {_verb(keys, 'tunes', 'tune')} adaptive clipping, which is off "
+                       f"(privacy.adaptive = false): the clipping norm stays privacy.clipping_norm; set "
+                       f"privacy.adaptive = true, or remove {_verb(keys, 'it', 'them')}")
+    if p.enabled and p.target_epsilon and "privacy.noise_multiplier" in given:
+        out.append("privacy.noise_multiplier is set but privacy.target_epsilon chooses the noise instead; keep one")
+    if a.kind not in ("none", "backdoor"):
+        keys = sorted(f"attack.{k}" for k in ("trigger", "target") if f"attack.{k}" in given)
+        if keys:
+            out.append(f"{', '.join(keys)} {_verb(keys, 'applies', 'apply')} to attack.kind = \"backdoor\" only; "
+                       f"it is {_toml(a.kind)}: remove {_verb(keys, 'it', 'them')}")
+    if a.kind == "backdoor" and "attack.factor" in given:
+        out.append("attack.factor is not used by attack.kind = \"backdoor\": its strength is attack.boost; "
+                   "remove attack.factor")
+    fed = cfg.federation
+    for key, readers in AGGREGATOR_OPTIONS.items():
+        if f"federation.{key}" in given and fed.aggregator not in readers:
+            out.append(f"federation.{key} is read by federation.aggregator = {' or '.join(map(_toml, readers))} "
+                       f"only; it is {_toml(fed.aggregator)}: remove it, or choose an aggregator that reads it"
+                       + (" (the mean tolerates no bad client)" if fed.aggregator == "mean" and
+                          key == "assumed_bad_fraction" else ""))
+    return out
+
+
+def _verb(keys: list[str], one: str, many: str) -> str:
+    return one if len(keys) == 1 else many
+
+
+def _toml(v: Any) -> str:
+    return ("true" if v else "false") if isinstance(v, bool) else f'"{v}"' if isinstance(v, str) else repr(v)
+
+
+def planned_round_size(cfg: Config) -> int | None:
+    """Clients per round as the config alone fixes it: clients_per_round, or federation.fraction of the
+    data.clients a run partitions data.source into; None where only the partition will tell."""
+    from fedit.aggregators import round_size
+
+    fed, d = cfg.federation, cfg.data
+    if not fed.fraction:
+        return fed.clients_per_round
+    return None if d.clients_dir or d.by else round_size(fed, d.clients)
+
+
+def _robust_settings(cfg: Config, problems: list[str], given: set[str] | None) -> Config:
+    """federation.assumed_bad_fraction turned into the aggregator's own parameter (kept in the config, so
+    the saved config.toml says what ran), then every robust setting that would tolerate no bad client at
+    the round's size refused."""
+    from fedit import aggregators
+
+    fed, k = cfg.federation, planned_round_size(cfg)
+    a, given = fed.assumed_bad_fraction, given or set()
+    # the aggregator's own key disagrees with the share when it holds another value than the share sets, and
+    # either the user gave it or it is not its default (a saved config holds the value the share set)
+    if a and fed.aggregator in ("krum", "multikrum"):
+        if k is None:
+            problems.append(f"federation.assumed_bad_fraction sets Krum's f from the clients per round, which "
+                            f"federation.fraction = {fed.fraction:g} leaves to the partition; set "
+                            f"federation.clients_per_round (and fraction = 0), or federation.byzantine_clients")
+            return cfg
+        f = aggregators.share_of(a, k)
+        if fed.byzantine_clients != f and (fed.byzantine_clients or "federation.byzantine_clients" in given):
+            problems.append(f"federation.byzantine_clients = {fed.byzantine_clients} and "
+                            f"federation.assumed_bad_fraction = {a:g} (f = ⌊{a:g} × {k}⌋ = {f}) disagree; keep one")
+            return cfg
+        fed = dataclasses.replace(fed, byzantine_clients=f)
+    elif a and fed.aggregator == "trimmed_mean":
+        if fed.trim_fraction != a and (fed.trim_fraction != _TRIM_DEFAULT or "federation.trim_fraction" in given):
+            problems.append(f"federation.trim_fraction = {fed.trim_fraction:g} and federation.assumed_bad_fraction "
+                            f"= {a:g} (the trim it sets) disagree; keep one")
+            return cfg
+        fed = dataclasses.replace(fed, trim_fraction=a)
+    if k is not None:
+        problems += aggregators.defence_problems(fed, k)
+    else:  # the rest is checked when the run knows its clients (aggregators.tolerance)
+        problems += aggregators.defence_problems(fed, None)
+    return dataclasses.replace(cfg, federation=fed)
+
+
+def from_dict(raw: dict[str, Any], source: str = "config", given: set[str] | None = None) -> Config:
+    """Build a validated Config; unknown keys and bad values are all reported together.
+
+    ``given``: the keys ("section.key") the user set (config.load says which); those that would do
+    nothing here are refused too. Without it (Config.replace, a saved config) they are not looked at."""
     from fedit.strategies import STRATEGIES
 
     problems: list[str] = []
@@ -350,21 +476,23 @@ def from_dict(raw: dict[str, Any], source: str = "config") -> Config:
         elif not isinstance(raw[name], dict):
             problems.append(f"{name} in {source} must be a table of keys, got {raw[name]!r}")
     for name, cls in sections.items():
-        given = raw.get(name, {})
-        if isinstance(given, dict):
-            built[name] = fill(cls, given, name, problems)
+        table = raw.get(name, {})
+        if isinstance(table, dict):
+            built[name] = fill(cls, table, name, problems)
     fed = built.get("federation")
-    if fed is not None:
-        if fed.strategy not in STRATEGIES:
-            problems.append(f"federation.strategy = {fed.strategy!r}: choose one of {', '.join(STRATEGIES)}")
-        elif isinstance(raw.get("strategy", {}), dict):
-            options = STRATEGIES[fed.strategy].Options
-            before = len(problems)
-            built["strategy"] = fill(options, raw.get("strategy", {}), "strategy", problems)
-            if len(problems) > before and not dataclasses.fields(options):
-                problems[-1] += f" (strategy {fed.strategy} has no options)"
-            elif len(problems) > before:
-                problems[-1] += f" (the options of strategy {fed.strategy})"
+    # the chosen strategy, also when another [federation] key is wrong, so its options are checked in this pass
+    name = fed.strategy if fed is not None else (raw.get("federation") or {}).get("strategy", "fedavg") \
+        if isinstance(raw.get("federation", {}), dict) else None
+    if fed is not None and name not in STRATEGIES:
+        problems.append(f"federation.strategy = {name!r}: choose one of {', '.join(STRATEGIES)}")
+    elif isinstance(name, str) and name in STRATEGIES and isinstance(raw.get("strategy", {}), dict):
+        options = STRATEGIES[name].Options
+        before = len(problems)
+        built["strategy"] = fill(options, raw.get("strategy", {}), "strategy", problems)
+        if len(problems) > before and not dataclasses.fields(options):
+            problems[-1] += f" (strategy {name} has no options)"
+        elif len(problems) > before:
+            problems[-1] += f" (the options of strategy {name})"
     if not problems:
         cfg = Config(**built)
         t = cfg.train
@@ -437,14 +565,13 @@ def from_dict(raw: dict[str, Any], source: str = "config") -> Config:
         if cfg.attack.kind != "none" and not (cfg.attack.clients or cfg.attack.fraction):
             problems.append(f"attack.kind = {cfg.attack.kind!r} names no malicious client; set attack.clients = [ids] "
                             f"or attack.fraction")
-        if cfg.attack.boost != 1 and cfg.attack.kind != "backdoor":
+        if cfg.attack.boost != 1 and cfg.attack.kind not in ("backdoor", "none"):  # none: unused_settings
             problems.append(f"attack.boost applies to attack.kind = \"backdoor\" only (the other kinds have "
                             f"attack.factor); it is {cfg.attack.kind!r}")
-        if fed.aggregator in ("krum", "multikrum") and not fed.fraction and \
-                fed.clients_per_round <= 2 * fed.byzantine_clients + 2:
-            problems.append(f"federation.aggregator = {fed.aggregator!r} tolerates byzantine_clients = "
-                            f"{fed.byzantine_clients} only with clients_per_round > {2 * fed.byzantine_clients + 2} "
-                            f"(Blanchard et al.); it is {fed.clients_per_round}")
+        cfg = _robust_settings(cfg, problems, given)
+        fed = cfg.federation
+        if given is not None:
+            problems += unused_settings(cfg, given)
         validating = bool(cfg.data.client_validation) and cfg.eval.every > 0
         for key, on in (("run.keep_best", cfg.run.keep_best), ("federation.early_stop_patience",
                                                                 fed.early_stop_patience)):
@@ -479,6 +606,7 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] 
     everything validated at once."""
     raw: dict[str, Any] = {k: dict(v) for k, v in (base or {}).items()}
     source = base_name
+    given: set[str] = set()  # what the user set: every override, and a file's keys at other than their default
     if path is not None:
         p = Path(path)
         if not p.is_file():
@@ -487,6 +615,8 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] 
             from_file = tomllib.loads(p.read_text())
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise FeditError(f"config file {p} is not valid TOML: {e}") from None
+        if not saved_run_config(p):
+            given |= _set_in_file(from_file)
         for section, values in from_file.items():
             if isinstance(values, dict) and isinstance(raw.get(section), dict):
                 raw[section].update(values)
@@ -503,10 +633,11 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] 
         table = raw.setdefault(section, {})
         if isinstance(table, dict):
             table[name] = value
+            given.add(f"{section}.{name}")
     if overrides:
         source += " + overrides"
     try:
-        cfg = from_dict(raw, source)
+        cfg = from_dict(raw, source, given)
     except FeditError as e:
         if not problems:
             raise
@@ -514,6 +645,30 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] 
     if problems:
         raise FeditError(f"{len(problems)} problem(s) in {source}:\n" + "\n".join(f"  - {p}" for p in problems))
     return cfg
+
+
+def saved_run_config(path: Path) -> bool:
+    """Whether ``path`` is the config.toml a run saved in its directory (every key written, validated
+    when the run started): resuming or reading an old run must not be refused for what it says."""
+    return path.name == "config.toml" and ((path.parent / "run.json").is_file() or (path.parent / "rounds").is_dir())
+
+
+def _set_in_file(from_file: dict[str, Any]) -> set[str]:
+    """The keys of a config file the user set: those at a value other than their default (a copy of a run's
+    config.toml, which writes every key, keeps its defaults without setting them)."""
+    out = set()
+    for name, cls in _sections().items():
+        table = from_file.get(name)
+        if not isinstance(table, dict):
+            continue
+        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+        for key, value in table.items():
+            default = defaults.get(key)
+            if isinstance(default, tuple) and isinstance(value, list):
+                value = tuple(value)
+            if key in defaults and value != default:
+                out.add(f"{name}.{key}")
+    return out
 
 
 def to_toml(cfg: Config) -> str:

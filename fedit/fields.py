@@ -8,12 +8,19 @@ neither imports the other.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
+
+# The largest whole number a setting takes unless its field names another ``max``: a signed 32-bit integer,
+# more rounds, clients, steps or tokens than any run reaches, and what every library downstream (numpy,
+# torch, C kernels) holds without overflow. A count beyond it is a typo, not a plan.
+INT_MAX = 2**31 - 1
 
 
 def option(default: Any, help: str, **kw: Any) -> Any:
     """A field with its help text and bounds (min, max, exclusive_min, exclusive_max, choices; for a list
-    of names, choices applies to each name and empty=True allows an empty list)."""
+    of names, choices applies to each name and empty=True allows an empty list). Every number must be
+    finite; a whole number without its own max is bounded by INT_MAX."""
     return dataclasses.field(default=default, metadata={"help": help, **kw})
 
 
@@ -32,7 +39,13 @@ def check_value(where: str, fld: dataclasses.Field, value: Any) -> tuple[Any, st
     elif isinstance(default, float):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return value, f"{where} = {value!r}: expected a number"
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # a whole number past float's range (TOML reads 10**400 as an int)
+            return value, f"{where} = {value!r}: must be a finite number"
+        # nan compares False with every bound, so without this it would pass them all
+        if not math.isfinite(value):
+            return value, f"{where} = {value!r}: must be a finite number (not nan or infinity)"
     elif isinstance(default, tuple) and meta.get("items") is int:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
@@ -40,6 +53,9 @@ def check_value(where: str, fld: dataclasses.Field, value: Any) -> tuple[Any, st
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, int) and not isinstance(v, bool)
                                                            for v in value):
             return value, f"{where} = {value!r}: expected a list of whole numbers"
+        big = [v for v in value if abs(v) > INT_MAX]
+        if big:
+            return value, f"{where} = {list(value)!r}: {', '.join(map(str, big))} beyond ±{INT_MAX}"
         value = tuple(value)
     elif isinstance(default, tuple):
         if isinstance(value, str):
@@ -65,6 +81,8 @@ def check_value(where: str, fld: dataclasses.Field, value: Any) -> tuple[Any, st
     if "max" in meta and (value > meta["max"] or (meta.get("exclusive_max") and value == meta["max"])):
         op = "<" if meta.get("exclusive_max") else "<="
         return value, f"{where} = {value!r}: must be {op} {meta['max']}"
+    if isinstance(value, int) and not isinstance(value, bool) and "max" not in meta and abs(value) > INT_MAX:
+        return value, f"{where} = {value!r}: must be {'<=' if value > 0 else '>='} {INT_MAX if value > 0 else -INT_MAX}"
     return value, None
 
 

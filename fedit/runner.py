@@ -158,6 +158,10 @@ def run(cfg: Config | None, resume: str | None = None, console=None, loaded: Loa
                           "boost" if a.kind == "backdoor" else "factor": a.strength}
     if console is not None and "tensorboard" in cfg.run.report_to:
         console.print(f"watch it: tensorboard --logdir {run_dir / 'tensorboard'}")
+    from fedit.aggregators import round_size, tolerance  # raises where a robust aggregator would tolerate no one
+    defence = tolerance(cfg, round_size(cfg.federation, len(prep.clients.ids)))
+    if console is not None:
+        console.print(defence)
     splits = prep.clients.sizes()
     sizes = {c: train for c, (train, _) in splits.items()}
     if cfg.data.client_validation:  # each client's training and validation records, as this run holds them back

@@ -255,21 +255,104 @@ def test_two_of_ten_attackers_move_the_mean_but_not_the_defences(ten_clients, ki
         assert d[name] <= 1.0, (name, d)
 
 
-def test_attack_metrics_say_who_attacked_and_whom_multikrum_kept(ten_clients, tmp_path):
-    from fedit import runner
+def test_multikrum_with_f_from_the_assumed_share_holds_two_x100_attackers_within_one_honest_step(ten_clients,
+                                                                                                  tmp_path):
+    """The run's own path (config -> runner -> server -> strategy): f derived from
+    federation.assumed_bad_fraction, the tolerance line printed, who attacked and whom Multi-Krum kept, and
+    the final adapter against the clean aggregate (the example-weighted mean of all ten honest changes)."""
+    import json
+    from io import StringIO
 
-    root, cfg, prep, *_ = ten_clients
+    from rich.console import Console
+
+    from fedit import runner
+    from fedit.adapter import load_adapter_file
+
+    root, cfg, prep, g, ins, honest = ten_clients
     acfg = cfg.replace(attack={"kind": "scale", "factor": 100.0, "clients": [3, 7]},
                        run={"out": str(tmp_path / "run")},
-                       federation={"aggregator": "multikrum", "byzantine_clients": 2})
-    run_dir = runner.run(acfg, loaded=prep.loaded)
+                       federation={"aggregator": "multikrum", "assumed_bad_fraction": 0.2})
+    assert acfg.federation.byzantine_clients == 2  # ⌊0.2 × 10⌋
+    printed = StringIO()
+    run_dir = runner.run(acfg, loaded=prep.loaded, console=Console(file=printed, width=300))
+    assert ("defence: multikrum with f = 2 (from federation.assumed_bad_fraction = 0.2) tolerates up to 2 bad "
+            "clients of 10 per round") in printed.getvalue()
     rows = server.RunDir(run_dir).events("client")
     assert {r["client"] for r in rows if r["metrics"].get("attack") == "scale"} == {3, 7}
     # Multi-Krum with f = 2 keeps n - f = 8 changes: here exactly the honest ones
     assert [r["kept"] for r in server.RunDir(run_dir).events("round") if r["round"] >= 1] == [[0, 1, 2, 4, 5, 6, 8, 9]]
-    import json
-
     assert json.loads((run_dir / "run.json").read_text())["attack"]["clients"] == [3, 7]
+    total = sum(u.num_examples for u in honest)
+    clean = {k: sum(_delta(u.adapter, g)[k] * u.num_examples for u in honest) / total for k in g}
+    moved = _dist(_delta(load_adapter_file(run_dir / "adapter"), g), clean) / _norm(clean)
+    assert moved <= 1.0, moved  # in honest steps; the plain mean ends about 20 away (test above)
+
+
+def test_the_tolerance_line_says_what_each_defence_tolerates_worked_by_hand():
+    from fedit import config
+    from fedit.errors import FeditError
+
+    def line(k, **sections):
+        return aggregators.tolerance(config.from_dict(sections), k)
+
+    assert line(10) == ("defence: none (the mean: one client can move the aggregate arbitrarily far, within "
+                        "federation.max_value = 10000 per value)")
+    assert line(10, federation={"max_update_norm": 0.5}) == (
+        "defence: norm bound only (each change clipped to norm 0.5 before the example-weighted mean: a bad client "
+        "moves the aggregate by at most its example share × 0.5; it outvotes no one)")
+    assert line(10, privacy={"enabled": True}) == (
+        "defence: clipping only (privacy.enabled: each change clipped to norm 0.1 and the sum divided by 10: a bad "
+        "client moves the aggregate by at most that norm / 10 before the noise; it outvotes no one)")
+    # the median: fewer than half, ⌈k/2⌉ − 1
+    assert line(10, federation={"aggregator": "median"}) == \
+        "defence: median tolerates up to 4 bad clients of 10 per round (fewer than half)"
+    assert line(9, federation={"aggregator": "median"}).startswith("defence: median tolerates up to 4 bad clients of 9")
+    # the trimmed mean: ⌊β·k⌋ at each end
+    assert line(10, federation={"aggregator": "trimmed_mean", "trim_fraction": 0.2, "clients_per_round": 10}) == (
+        "defence: trimmed_mean with trim 0.2 drops 2 value(s) at each end: tolerates up to 2 bad clients of 10 per "
+        "round")
+    assert line(10, federation={"aggregator": "multikrum", "byzantine_clients": 2, "clients_per_round": 10,
+                                "max_update_norm": 1.5}) == ("defence: multikrum with f = 2 tolerates up to 2 bad "
+                                                             "clients of 10 per round, each change first clipped to "
+                                                             "norm 1.5")
+    # where only the partition tells the round's size (fraction of a clients_dir), the line refuses at run time
+    cfg = config.from_dict({"data": {"clients_dir": "parts"}, "federation": {
+        "aggregator": "trimmed_mean", "trim_fraction": 0.2, "fraction": 0.5}})
+    assert aggregators.round_size(cfg.federation, 8) == 4
+    with pytest.raises(FeditError, match=r"drops ⌊0.2 × 4⌋ = 0 values at each end of a round of 4 clients"):
+        aggregators.tolerance(cfg, 4)
+    krum = config.from_dict({"data": {"clients_dir": "parts"}, "federation": {
+        "aggregator": "krum", "byzantine_clients": 2, "fraction": 0.5}})
+    with pytest.raises(FeditError, match="more than 6 clients per round .*; a round has 5"):
+        aggregators.tolerance(krum, aggregators.round_size(krum.federation, 10))
+    assert "tolerates up to 2 bad clients of 7" in aggregators.tolerance(krum, 7)
+
+
+def test_trimmed_mean_drops_the_share_the_user_wrote_not_its_float_product():
+    # 0.29 * 100 = 28.999999999999996 in floating point; the user asked for 29 at each end
+    assert aggregators.share_of(0.29, 100) == 29 and aggregators.share_of(0.2, 10) == 2
+    assert aggregators.share_of(0.1, 5) == 0 and aggregators.share_of(0.3, 10) == 3
+    x = torch.tensor([float(i * i) for i in range(100)], dtype=torch.float64)[:, None]  # skewed: ends matter
+    expected = sum(i * i for i in range(29, 71)) / 42  # values 29²..70² remain
+    assert aggregators.trimmed_mean(x, 0.29).item() == pytest.approx(expected, rel=1e-15)
+    assert expected != pytest.approx(sum(i * i for i in range(28, 72)) / 44)  # what dropping 28 would give
+
+
+def test_krum_distances_are_exact_for_near_identical_changes_of_large_norm():
+    """30 changes at b + e: b = 1e8 in each of 16 values, e = ±e_k for 29 of them and 0 for the last (index 29).
+    The last is 1 from every other (squared), the others 2 or 4 from each other, so with f = 1 its score sums
+    n − f − 2 = 27 squared distances of 1 (27) against 1 + 26·2 = 53 for every other: Krum picks it. torch's
+    matmul path (‖x‖² + ‖y‖² − 2x·y, its choice above 25 rows) loses all of that in ‖b‖² = 1.6e17."""
+    b = torch.full((16,), 1e8, dtype=torch.float64)
+    points = []
+    for k in range(16):
+        for sign in (1.0, -1.0):
+            e = torch.zeros(16, dtype=torch.float64)
+            e[k] = sign
+            points.append(b + e)
+    points = points[:29] + [b.clone()]
+    deltas = [{"a": p[:10], "b": p[10:]} for p in points]  # the distances add over an adapter's tensors
+    assert aggregators.krum_choice(deltas, 1, multi=False) == [29]
 
 
 def test_what_each_attacker_sends_worked_by_hand():
