@@ -3,8 +3,16 @@
 metrics.jsonl stays the run's record (resume and the plots read it). The reporters named in
 ``run.report_to`` get every round once it is committed, with its client rows, and log
 scalars with the round as the step: a crashed round is never reported, a resumed run
-carries on at the next round. Client metrics come from clients, so only finite numbers
-of the names below are reported.
+carries on at the next round. Client metrics come from clients: they reach here cleaned at the
+trust boundary (fedit/boundary.py), only finite numbers of the names below are reported, the
+arithmetic on them guards itself (two clients can report seconds that sum to 0), and a
+reporter that fails anyway is logged and skipped: watching a run never stops it.
+
+Under ``privacy.enabled`` the reporters, which may send what they get off the machine (W&B),
+get no per-client figure and nothing computed from what clients report alone: no ``client/*``
+(each client's loss, steps, tokens, seconds), no ``train/*`` (their token-weighted loss and
+throughput, unnoised) and no ``validation/client_*`` (the spread of the clients' own validation
+losses). metrics.jsonl, on the server's machine, keeps every client line (docs/boundary.md).
 """
 
 from __future__ import annotations
@@ -26,9 +34,10 @@ def _number(v) -> float | None:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
 
 
-def scalars(row: dict, clients: list[dict]) -> dict[str, float]:
+def scalars(row: dict, clients: list[dict], private: bool = False) -> dict[str, float]:
     """Tag -> value for one round: held-out loss overall and per category, the round's time and
-    bytes, the clients' token-weighted training loss and throughput, and each client's own figures."""
+    bytes, the clients' token-weighted training loss and throughput, and each client's own figures
+    (``private``: not those, see the module docstring)."""
     out: dict[str, float] = {}
     ev = row.get("eval")
     if ev and _number(ev.get("loss")) is not None:
@@ -38,7 +47,8 @@ def scalars(row: dict, clients: list[dict]) -> dict[str, float]:
     if val and _number(val.get("loss")) is not None:  # the clients' federated validation: overall, per category, spread
         out["validation/loss"] = val["loss"]
         out["validation/clients"] = val["clients"]
-        out.update({f"validation/client_{k}": v for k, v in val["spread"].items()})
+        if not private:
+            out.update({f"validation/client_{k}": v for k, v in val["spread"].items()})
         out.update({f"validation_by_category/{c}": v for c, v in val.get("by_category", {}).items()})
     for key in ("seconds", "train_seconds", "eval_seconds"):
         if _number(row.get(key)) is not None:
@@ -51,19 +61,23 @@ def scalars(row: dict, clients: list[dict]) -> dict[str, float]:
     ok = [c for c in clients if c.get("accepted")]
     out["round/bytes_down"] = sum(c.get("bytes_down") or 0 for c in ok)
     out["round/bytes_up"] = sum(c.get("bytes_up") or 0 for c in ok)
+    if private:
+        return out
     tokens = seconds = loss_sum = 0.0
     for c in ok:
-        m = {k: _number(c.get("metrics", {}).get(k)) for k in CLIENT_METRICS}
+        metrics = c.get("metrics")
+        m = {k: _number(metrics.get(k)) if isinstance(metrics, dict) else None for k in CLIENT_METRICS}
         cid = f"{c['client']:05d}"
         for k, v in m.items():
             if v is not None:
                 out[f"client/{cid}/{k}"] = v
-        if m["trained_tokens"] and m["seconds"]:
+        # only positive tokens and seconds count: a total of signed ones can be 0 (1e15 and -1e15) and divide by it
+        if m["trained_tokens"] and m["seconds"] and m["trained_tokens"] > 0 and m["seconds"] > 0:
             out[f"client/{cid}/tokens_per_second"] = m["trained_tokens"] / m["seconds"]
             tokens, seconds = tokens + m["trained_tokens"], seconds + m["seconds"]
             if m["train_loss"] is not None:
                 loss_sum += m["train_loss"] * m["trained_tokens"]
-    if tokens:
+    if tokens and seconds and math.isfinite(tokens) and math.isfinite(seconds) and math.isfinite(loss_sum):
         out["train/loss"] = loss_sum / tokens
         out["train/tokens_per_second"] = tokens / seconds
         out["train/tokens"] = tokens
@@ -118,11 +132,18 @@ class WandB:
 
 
 class Reporters:
-    def __init__(self, reporters: list[Reporter]):
+    def __init__(self, reporters: list[Reporter], private: bool = False):
         self.reporters = reporters
+        self.private = private  # privacy.enabled: no per-client figures leave through a reporter
 
     def round(self, row: dict, clients: list[dict]) -> None:
-        values = scalars(row, clients)
+        if not self.reporters:
+            return
+        try:
+            values = scalars(row, clients, self.private)
+        except Exception as e:  # the round is committed already: a figure that cannot be formed is not worth the run
+            log.warning("reporting round %s failed: %s: %s", row.get("round"), type(e).__name__, e)
+            return
         for r in self.reporters:
             try:
                 r.log(row["round"], values)
@@ -144,10 +165,14 @@ class Reporters:
 
 
 def open_reporters(names: tuple[str, ...], run_dir: Path, project: str = "fedit",
-                   config: dict | None = None) -> Reporters:
+                   config: dict | None = None, private: bool | None = None) -> Reporters:
+    """The reporters ``names`` asks for; ``private`` (default: the config's privacy.enabled) keeps
+    per-client figures out of them."""
+    if private is None:
+        private = bool(((config or {}).get("privacy") or {}).get("enabled"))
     out: list[Reporter] = []
     if "tensorboard" in names:
         out.append(TensorBoard(run_dir))
     if "wandb" in names:
         out.append(WandB(run_dir, project, config or {}))
-    return Reporters(out)
+    return Reporters(out, private)

@@ -25,8 +25,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Protocol
 
-import torch
-
 from fedit import config as config_mod
 from fedit import boundary, hetero, reporting
 from fedit.checkpoint import atomic_write, atomic_write_json
@@ -35,7 +33,7 @@ from fedit.errors import FeditError
 from fedit.adapter import Adapter, load_adapter_file
 from fedit.boundary import check_update  # noqa: F401  (re-exported: it lived here)
 from fedit.evaluation import federated
-from fedit.protocol import ADAPTER, CLIP, GLOBAL, EvalIns, Evaluation, Failure, FitIns, Summed, Update, nbytes
+from fedit.protocol import CLIP, GLOBAL, EvalIns, Evaluation, Failure, FitIns, Summed, Update, nbytes
 from fedit.strategies import build as build_strategy
 from fedit.strategies.base import prefixed, unprefixed
 
@@ -317,7 +315,8 @@ def run(cfg: Config, runtime: Runtime, run_dir: str | Path, *, client_ids: list[
                                                             max_examples=example_cap(cid), max_value=fed.max_value)
                 extra = {"rank": plan.profile(cid).r, "trainable_params": sum(
                     v.numel() for v in ins.global_adapter.values())} if ins else {}
-                if clean is not None:  # ‖θ_k − θ‖ before any bound: what max_update_norm and privacy.clipping_norm act on
+                if clean is not None:
+                    # ‖θ_k − θ‖ before any bound: what max_update_norm and privacy.clipping_norm act on
                     extra["update_norm"] = update_norm(clean.adapter, ins.global_adapter)
                     out = plan.up(clean, global_adapter) if plan.active and plan.mode == "factors" else clean
                 if dropped:
