@@ -17,7 +17,8 @@ rank-r_k LoRA (r_k ≤ R) on its own subset of the modules, with its own scaling
   towards zero by the share of low-rank clients every round);
 - ``product``: the server forms ΔW = Σ p_k s_k B_k A_k per module over the clients that target it
   (weights renormalised among them) and keeps its best rank-R approximation (fedit/lowrank.py,
-  no d × n matrix); FedAvg or FedProx only, since the mean of products is not a step on the factors;
+  no d × n matrix), split with A's rows at the clients' A scale so the next step trains as fast as
+  from averaged factors; FedAvg or FedProx only, since the mean of products is not a step on the factors;
 - ``lora.freeze_a`` (FFA-LoRA, Sun et al. ICLR 2024): A stays at its seeded init for every client and
   round; only B trains and travels. The mean of the products is then exact with any strategy.
 
@@ -165,7 +166,7 @@ class LoraPlan:
         return FitIns(ins.round, ins.client_id, {**ins.arrays, GLOBAL: sliced}, config)
 
     def _product_truncation(self, round_num: int, g: Arrays, c: ClientLora) -> Arrays:
-        from fedit.lowrank import product_svd, truncate
+        from fedit.lowrank import product_svd, rms_row_norm, truncate
 
         if self._svds[0] != (round_num, id(g)):  # one SVD per module and round, whatever the clients' ranks
             self._svds = ((round_num, id(g)), {})
@@ -176,7 +177,9 @@ class LoraPlan:
             if a_key not in svds:
                 svds[a_key] = product_svd([g[b_key]], [g[a_key]], [self.alpha / self.R])
             u, s, vh = svds[a_key]
-            b, a = truncate(u, s, vh, c.r, self.scaling(c))
+            # A keeps the global A's scale (its rows' RMS norm), B takes the rest: the client's next
+            # AdamW step changes the product as much as it would from the global's own factors
+            b, a = truncate(u, s, vh, c.r, self.scaling(c), rms_row_norm(g[a_key]))
             # Directions the global product does not have (all of them in round 1, where B = 0) would
             # come back as a zero row of A and a zero column of B, which no gradient can move: they
             # start as LoRA starts, A from the seeded init, B zero. The product is unchanged.
@@ -221,7 +224,11 @@ class LoraPlan:
             total = sum(n for n, *_ in items)
             u_, s, vh = product_svd([b for *_, b, _ in items], [a for *_, a in items],
                                     [n / total * scale for n, scale, *_ in items])
-            b, a = truncate(u_, s, vh, self.R, self.alpha / self.R)
+            # Re-split with A at the clients' scale, ρ² = Σ p_k · (mean squared row norm of A_k), not √σ in
+            # both factors: √σ shrinks A far below it for a small ΔW, and with it the effect of the next
+            # AdamW step on the product (an effective learning-rate cut that factors mode does not have).
+            rho = sum(n / total * float(a.double().pow(2).sum()) / a.shape[0] for n, _, _, a in items) ** 0.5
+            b, a = truncate(u_, s, vh, self.R, self.alpha / self.R, rho or None)
             out[a_key], out[a_key.replace(".lora_A.", ".lora_B.")] = a.float(), b.float()
         return out, used
 

@@ -9,8 +9,18 @@ at most R = Σ_k r_k, so its SVD comes from thin QR factorisations of the stacke
 
 at O((d + n) R²) instead of the O(d n min(d, n)) of a dense SVD, and without the d × n matrix (for a
 4096 × 11008 module and five rank-16 clients: 80 columns instead of 45 M entries). Truncating to rank r
-and splitting √Σ between the factors gives the rank-r LoRA pair closest to ΔW in Frobenius norm
-(Eckart–Young), to be used with scaling s: B' = Q_b U_r √Σ_r / √s, A' = √Σ_r (Q_a V_r)ᵀ / √s.
+gives the rank-r product closest to ΔW in Frobenius norm (Eckart–Young), to be used with scaling s.
+
+How it is split between the factors does not change the product but does change training from it:
+an AdamW step moves every coordinate of A and B by about lr, so the next step changes s·B·A by about
+s·(δB·A + B·δA), in proportion to the factors' sizes. The balanced split, B' = Q_b U_r √Σ_r / √s and
+A' = √Σ_r (Q_a V_r)ᵀ / √s, gives A rows of norm √(σ/s), far below LoRA's init for the small ΔW of
+a few rounds, and the next step's effect on ΔW shrinks with them: an effective learning-rate cut. In a
+synthetic check (a 576 × 576 module at r = 8, alpha 16; four clients of three sign-like AdamW steps at
+lr 5e-4 from the init; the next step on a fresh gradient) A's rows fell from 0.59 to 0.12 in RMS norm
+and the next step changed ΔW 3.4 times less than from the averaged factors. ``a_row_norm = ρ`` keeps A
+at a given scale instead: A' = ρ (Q_a V_r)ᵀ (orthonormal rows times ρ), B' = Q_b U_r Σ_r / (s ρ); with
+ρ the clients' A scale the same check's next step is within 0.3% of the averaged factors'.
 """
 
 from __future__ import annotations
@@ -38,17 +48,32 @@ def product_svd(bs: list[torch.Tensor], as_: list[torch.Tensor], weights: list[f
     return qb @ u, s, vh @ qa.T
 
 
-def truncate(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, rank: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+def truncate(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, rank: int, scaling: float,
+             a_row_norm: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The LoRA pair (B, A) of rank ``rank`` with scaling · B @ A the best rank-``rank`` approximation.
 
-    When the sum has lower rank than asked, the extra columns of B and rows of A are zero."""
+    ``a_row_norm``: every row of A has that norm (A = ρ Vᵀ, B = U Σ / (scaling ρ)); None: √σ in both
+    (the balanced split). When the sum has lower rank than asked, the extra columns of B and rows of A
+    are zero."""
     k = min(rank, s.numel())
-    root = s[:k].clamp_min(0).sqrt() / scaling ** 0.5
     b = torch.zeros(u.shape[0], rank, dtype=u.dtype)
     a = torch.zeros(rank, vh.shape[1], dtype=vh.dtype)
-    b[:, :k] = u[:, :k] * root
-    a[:k] = root[:, None] * vh[:k]
+    sig = s[:k].clamp_min(0)
+    if a_row_norm:
+        a[:k] = a_row_norm * vh[:k]
+        b[:, :k] = u[:, :k] * (sig / (scaling * a_row_norm))
+    else:
+        root = sig.sqrt() / scaling ** 0.5
+        b[:, :k] = u[:, :k] * root
+        a[:k] = root[:, None] * vh[:k]
     return b, a
+
+
+def rms_row_norm(a: torch.Tensor) -> float | None:
+    """√(mean ‖row‖²) over the rows of ``a`` that are not zero; None if all are."""
+    sq = a.double().pow(2).sum(dim=1)
+    sq = sq[sq > 0]
+    return float(sq.mean().sqrt()) if sq.numel() else None
 
 
 def dense_product(bs: list[torch.Tensor], as_: list[torch.Tensor], weights: list[float]) -> torch.Tensor:

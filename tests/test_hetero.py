@@ -99,7 +99,51 @@ def test_product_mode_starts_directions_the_global_lacks_as_lora_does():
     assert torch.equal(got[A][1], init[A][1]) and torch.equal(got[B][:, 1], torch.zeros(3))
     # (8/4) · 4 · 3 = 24 is the product's one singular value: 4 · b a = 2 · B A
     assert torch.allclose(4 * got[B] @ got[A], 2 * g[B] @ g[A], atol=1e-6)
-    assert torch.allclose(got[A][0].abs(), torch.tensor([1.0, 2.0, 2.0]) / 3 * (24 / 4) ** 0.5)
+    # A keeps the global A's scale (its one live row has norm 3) and B takes the rest: 24 / (4 · 3) = 2
+    assert torch.allclose(got[A][0].abs(), torch.tensor([1.0, 2.0, 2.0]))
+    assert torch.allclose(got[B][:, 0].abs(), torch.tensor([0.0, 2.0, 0.0]))
+
+
+def test_product_resplit_keeps_the_factors_scale_so_the_next_step_moves_w_as_in_factors_mode():
+    """Two clients send the same rank-2 factors: A's rows orthogonal, of norm 0.5 (the scale of LoRA's init),
+    B's columns orthogonal and small. Factors mode averages them to themselves; product mode takes the SVD
+    of the mean product and re-splits it. The next identical client step, AdamW's first (lr times the sign
+    of the gradient) on the loss ⟨G, s·B A⟩, must change ΔW = s·B A by the same amount from either global.
+    Splitting √σ into both factors (the former re-split) shrinks A's rows to √(σ / s) ≈ 0.11 and the step's
+    effect with them."""
+    from fedit import lowrank
+    from fedit.strategies.fedavg import FedAvg
+
+    cfg = cfg_with(r=2, alpha=4, aggregation="product")  # s = 4 / 2 = 2
+    plan = hetero.LoraPlan(cfg, None)
+    a_f = 0.5 * torch.tensor([[0.6, 0.8, 0.0], [0.0, 0.0, 1.0]])
+    b_f = 0.01 * torch.tensor([[1.0, 0.0], [0.0, 2.0], [0.0, 1.0], [1.0, 0.0]])  # columns ⟂, norms √2 and √5
+    ups = [Update(i, {"adapter": {A: a_f.clone(), B: b_f.clone()}}, n) for i, n in enumerate([3, 5])]
+    g0 = {A: torch.zeros(2, 3), B: torch.zeros(4, 2)}
+    factors, _ = FedAvg().aggregate(1, g0, ups)
+    product, used = plan.product_mean(g0, ups)
+    assert used == 2 and torch.allclose(factors[A], a_f) and torch.allclose(factors[B], b_f)
+    assert torch.allclose(2 * product[B] @ product[A], 2 * b_f @ a_f, atol=1e-7)  # the same ΔW
+    assert torch.allclose(product[A].norm(dim=1), torch.full((2,), 0.5))  # A at the clients' scale
+
+    G = torch.tensor([[0.3, -1.2, 0.7], [1.1, 0.4, -0.5], [-0.9, 0.8, 0.2], [0.6, -0.3, -1.4]], dtype=torch.float64)
+    lr = 1e-3
+
+    def next_step_change(b, a):
+        b, a = b.double(), a.double()
+        grad_b, grad_a = 2 * G @ a.T, 2 * b.T @ G  # ∂⟨G, 2 B A⟩ / ∂B and / ∂A
+        b1, a1 = b - lr * grad_b.sign(), a - lr * grad_a.sign()
+        return float((2 * (b1 @ a1 - b @ a)).norm())
+
+    by_factors = next_step_change(factors[B], factors[A])
+    assert next_step_change(product[B], product[A]) == pytest.approx(by_factors, rel=1e-5)
+    u, sv, vh = lowrank.product_svd([b_f], [a_f], [2.0])
+    b_bal, a_bal = lowrank.truncate(u, sv, vh, 2, 2.0)
+    assert a_bal.norm(dim=1).max() < 0.12 and next_step_change(b_bal, a_bal) < by_factors / 2
+    # and the next round's client gets the same scale from the global (the product unchanged)
+    got = plan.down(FitIns(2, 0, {"global": product})).global_adapter
+    assert torch.allclose(got[A].norm(dim=1), torch.full((2,), 0.5)) and \
+        torch.allclose(2 * got[B] @ got[A], 2 * b_f @ a_f, atol=1e-7)
 
 
 def test_bad_client_lora_settings_name_the_client_and_the_fix(tmp_path):

@@ -53,3 +53,25 @@ def test_the_dense_route_gives_the_same_truncation_once_the_stacked_rank_is_full
         b1, a1 = lowrank.truncate(*auto, r, 2.0)
         b2, a2 = lowrank.truncate(*qr, r, 2.0)
         assert torch.allclose(b1 @ a1, b2 @ a2, atol=1e-9)
+
+
+def test_truncate_keeps_a_at_the_given_row_norm_by_hand():
+    # ΔW / scaling has singular values 4 and 1 along the axes; scaling 2
+    u, s, vh = torch.eye(3, 2, dtype=torch.float64), torch.tensor([4.0, 1.0], dtype=torch.float64), \
+        torch.eye(2, 3, dtype=torch.float64)
+    b, a = lowrank.truncate(u, s, vh, 2, 2.0, a_row_norm=0.5)
+    # A = 0.5 · Vᵀ; B = U Σ / (2 · 0.5) = U Σ: the product 2 · B A = U Σ Vᵀ is unchanged
+    assert torch.equal(a, 0.5 * vh) and torch.equal(b, u * torch.tensor([4.0, 1.0], dtype=torch.float64))
+    # the balanced split puts √(σ / scaling) = √2 and √0.5 in both: A's rows at 1.41 and 0.71 instead of 0.5
+    b0, a0 = lowrank.truncate(u, s, vh, 2, 2.0)
+    assert torch.allclose(a0.norm(dim=1), torch.tensor([2 ** 0.5, 0.5 ** 0.5], dtype=torch.float64))
+    assert torch.allclose(2 * b0 @ a0, 2 * b @ a)
+    # rank 3 asked of a rank-2 sum: the extra row of A and column of B stay zero
+    b3, a3 = lowrank.truncate(u, s, vh, 3, 2.0, a_row_norm=0.5)
+    assert torch.equal(a3[2], torch.zeros(3, dtype=torch.float64)) and torch.equal(b3[:, 2], torch.zeros(3, dtype=torch.float64))
+
+
+def test_rms_row_norm_by_hand():
+    # rows [3, 4] and [0, 1] (the zero row is left out): √((25 + 1) / 2) = √13
+    assert lowrank.rms_row_norm(torch.tensor([[3.0, 4.0], [0.0, 0.0], [0.0, 1.0]])) == 13 ** 0.5
+    assert lowrank.rms_row_norm(torch.zeros(2, 3)) is None
