@@ -11,7 +11,7 @@ from fedit import use_cli
 from fedit.config import DataConfig
 from fedit.errors import FeditError
 from fedit.evaluation import cli as eval_cli
-from fedit.runtime import flower_cli
+from fedit.runtime import deploy, flower_cli
 
 
 def _partition(args: argparse.Namespace, console) -> None:
@@ -133,11 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
     eval_cli.add_parsers(sub)
     use_cli.add_parsers(sub)
     flower_cli.add_parser(sub)
+    deploy.add_parsers(sub)
     return p
 
 
 COMMANDS = {"partition": _partition, "run": _run, "bench": _bench, "flower": flower_cli.main,
-            **eval_cli.COMMANDS, **use_cli.COMMANDS}
+            **eval_cli.COMMANDS, **use_cli.COMMANDS, **deploy.COMMANDS}
 
 
 def quiet_libraries() -> None:

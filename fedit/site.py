@@ -71,7 +71,10 @@ def check_data(path: Path) -> tuple[list, list[str]]:
 
     if not path.is_file():
         raise FeditError(f"--data {path}: no such file; pass the site's JSON or JSONL file of records")
-    loaded = load_records(path)
+    try:
+        loaded = load_records(path)
+    except FeditError as e:  # no usable row at all: the reasons, row by row, and that nothing left the site
+        raise FeditError(f"{e}; nothing was sent to the server") from None
     lines = [f"read {len(loaded.records)} records from {path}; {loaded.skipped_summary()}"]
     lines += [f"  line {line}: {why}" for line, why in loaded.skipped[:20]]
     if len(loaded.skipped) > 20:
@@ -120,15 +123,18 @@ class SiteWork:
         update.metrics["load_seconds"] = round(load_seconds, 3)
         return update, load_seconds
 
-    def evaluate(self, cfg: Config, ins: EvalIns) -> Evaluation:
+    def evaluate(self, cfg: Config, ins: EvalIns) -> tuple[Evaluation, float]:
+        """(the Evaluation, seconds spent loading or finding the model)."""
         from fedit.data.batches import tokenize
         from fedit.runtime.simulation import evaluate_client
 
+        t0 = time.perf_counter()
         loaded = load_model(cfg, self.model or cfg.model.name)
+        load_seconds = time.perf_counter() - t0
         t = cfg.train
         examples = tokenize(self._records(cfg, ins.client_id)[1], loaded.tokenizer, cfg.eval.cutoff_len or t.cutoff_len,
                             t.train_on_inputs, cfg.data.template)
-        return evaluate_client(loaded, ins, examples, cfg)
+        return evaluate_client(loaded, ins, examples, cfg), load_seconds
 
 
 # ---------------------------------------------------------------- the warm worker of `fedit site`
@@ -160,10 +166,11 @@ def handle(work: SiteWork, request: dict, say=print) -> dict:
         cfg = config_mod.from_dict(tomllib.loads(request["config"]), "the fedit config sent by the server")
         kind, r, cid = request["kind"], int(request["round"]), int(request["client_id"])
         if kind == "evaluate":
-            e = work.evaluate(cfg, EvalIns(r, cid, _to_torch(request["arrays"])))
-            say(f"round {r}: evaluated as client {cid}; sending the loss sums of {e.examples} validation records "
-                f"in {len(e.by_category)} categories")
+            e, load_seconds = work.evaluate(cfg, EvalIns(r, cid, _to_torch(request["arrays"])))
+            say(f"round {r}: evaluated as client {cid} (model ready in {load_seconds:.3f} s); sending the loss sums "
+                f"of {e.examples} validation records in {len(e.by_category)} categories")
             return {"evaluation": {"by_category": e.by_category, "examples": e.examples}}
+        say(f"round {r}: training as client {cid}")
         update, load_seconds = work.train(cfg, FitIns(r, cid, _to_torch(request["arrays"]), dict(request["fitins"])))
         from fedit.protocol import nbytes
 

@@ -56,7 +56,7 @@ def test_run_refuses_to_overwrite_a_run(tmp_path, tiny_model_dir, partition_dir,
             "train.micro_batch_size=2", "lora.r=2", f"run.out={tmp_path / 'r'}", "run.progress=false"]
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert "held-out loss:" in out and "final adapter" in out
+    assert "test loss (server's held-out set):" in out and "final adapter" in out
     assert main(args) == 2
     assert "already holds a run" in capsys.readouterr().err
 
@@ -76,7 +76,7 @@ def test_one_command_partitions_the_source_into_the_run(tmp_path, tiny_model_dir
             "lora.r=2", f"run.out={run}", "run.progress=false"]
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert "iid split over 3 clients: 44 records" in out and "held-out loss:" in out
+    assert "iid split over 3 clients: 44 records" in out and "test loss (server's held-out set):" in out
     # the same split `fedit partition` makes with the same options, file for file
     assert main(["partition", "--data", str(records_file), "--clients", "3", "--scheme", "iid",
                  "--test-per-category", "1", "--seed", "5", "--out", str(tmp_path / "p")]) == 0

@@ -233,8 +233,8 @@ def _evaluate(msg: Message, context: Context) -> Message:
     if answer is not None:
         by_category, examples = answer["evaluation"]["by_category"], answer["evaluation"]["examples"]
     else:
-        e = _local_work(context, path).evaluate(cfg, EvalIns(int(msg.content["config"]["round"]), cid,
-                                                            _array_groups(msg.content)))
+        e, _ = _local_work(context, path).evaluate(cfg, EvalIns(int(msg.content["config"]["round"]), cid,
+                                                               _array_groups(msg.content)))
         by_category, examples = e.by_category, e.examples
     cats = sorted(by_category)
     return Message(RecordDict({"evaluation": ConfigRecord({
@@ -656,6 +656,9 @@ def serve(grid: Grid, rc: dict) -> Path:
         raise FeditError(f"no SuperNode with a client-id connected within {rc['node-wait']} s; start SuperNodes "
                          f"with --node-config 'client-id=N data-path=\"...\"' pointed at this SuperLink")
     log.info("clients: %s; connected now: %s", client_ids, sorted(nodes.by_client))
+    from fedit.aggregators import round_size, tolerance  # raises where a robust aggregator would tolerate no one
+
+    log.info("%s", tolerance(cfg, round_size(cfg.federation, len(client_ids))))
     loaded = prep["loaded"]
     meta = {**run_metadata(cfg, loaded), "runtime": "flower",
             "flower": {"client_ids": client_ids, "round_timeout": cfg.federation.round_timeout}}
