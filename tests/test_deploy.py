@@ -7,7 +7,6 @@ drop (a site killed while training round 2, then started again with the same com
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
