@@ -55,8 +55,10 @@ def describe(x, limit: int = 40) -> str:
     try:
         if isinstance(x, int) and not isinstance(x, bool) and int.bit_length(x) > 64:
             return f"an integer of {int.bit_length(x)} bits"
-        if isinstance(x, (str, bytes, list, tuple, dict)) and len(x) > 10 * limit:
-            x = x[:limit + 1] if isinstance(x, (str, bytes, list, tuple)) else type(x).__name__ + f" of {len(x)}"
+        if isinstance(x, (str, bytes, list, tuple)) and len(x) > 10 * limit:  # repr only what is shown
+            x = x[:limit + 1]
+        elif isinstance(x, (dict, set, frozenset)) and len(x) > 10 * limit:
+            return f"a {type(x).__name__} of {len(x)} entries"
         text = repr(x)
     except Exception:  # a repr that raises is the client's problem, not the server's
         text = f"<{type(x).__name__}>"

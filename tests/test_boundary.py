@@ -41,8 +41,8 @@ class Replies:
         raise AssertionError("no federated evaluation in these runs")
 
 
-def honest(ins, metrics=None, n=2):
-    return Update(ins.client_id, {ADAPTER: {"w": ins.global_adapter["w"] + 0.01}}, n, metrics or {})
+def honest(ins, metrics=(), n=2):
+    return Update(ins.client_id, {ADAPTER: {"w": ins.global_adapter["w"] + 0.01}}, n, {} if metrics == () else metrics)
 
 
 def config(tmp_path, rounds=2, per_round=2, **sections):
@@ -399,3 +399,21 @@ def test_fuzz_hundreds_of_hostile_replies_through_the_round_loop(tmp_path, caplo
     accepted = [c for c in clients if c["accepted"]]
     assert all(isinstance(c["num_examples"], int) and 1 <= c["num_examples"] <= 2**53
                for c in accepted if not c.get("secure"))
+
+
+def test_flower_metrics_record_is_cleaned_the_same_way():
+    """What fedit/runtime/flower.py calls where it reads a reply's ``metrics`` record: a MetricRecord
+    holds ints, floats and lists of them; lists, huge and non-finite values and entries past 64 are
+    dropped, with one line that says so; something that is no record gives a reason, not an error."""
+    flwr = pytest.importorskip("flwr.app")
+    from fedit.boundary import flower_metrics
+
+    assert flower_metrics(flwr.MetricRecord({"train_loss": 1.5, "steps": 3})) == ({"train_loss": 1.5, "steps": 3}, None)
+    record = flwr.MetricRecord({"seconds": 2.0, "spread": [1.0, 2.0], "big": 1e300, "nan": float("nan"),
+                                **{f"m{i}": i for i in range(70)}})
+    kept, why = flower_metrics(record)
+    assert kept == {"seconds": 2.0, **{f"m{i}": i for i in range(60)}}
+    assert why.count("metric ") == 3 and "10 entries beyond the first 64 dropped" in why  # 74 entries, 64 read
+    assert flower_metrics(None) == ({}, None)
+    kept, why = flower_metrics(7)
+    assert kept == {} and "could not be read" in why
