@@ -283,7 +283,7 @@ def run(cfg: Config, runtime: Runtime, run_dir: str | Path, *, client_ids: list[
                     try:
                         ok = summed(u) if isinstance(u, Summed) else screened(u)
                     except Exception as e:
-                        problem = f"the reply could not be checked ({type(e).__name__}: {boundary.text(str(e), 200)})"
+                        problem = f"the reply could not be checked ({boundary.describe(e, 200)})"
                         log_client(client=None, accepted=False, reason=problem)
                         log.warning("round %d: a reply was rejected: %s", r, problem)
                         rejected.append({"client": None, "reason": problem})
