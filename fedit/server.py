@@ -156,13 +156,14 @@ def run(cfg: Config, runtime: Runtime, run_dir: str | Path, *, client_ids: list[
         results: list[Evaluation] = []
         left_out: list[dict] = []
         for e in runtime.evaluate(r, [EvalIns(r, cid, {GLOBAL: adapter}) for cid in asked]):
-            if isinstance(e, Failure):
-                problem, cid = e.reason, e.client_id
-            elif not isinstance(e, Evaluation) or e.client_id not in asked or any(
-                    x.client_id == e.client_id for x in results):
-                problem, cid = f"client {getattr(e, 'client_id', None)!r:.40} was not asked for one evaluation", None
+            cid = getattr(e, "client_id", None)
+            if not isinstance(cid, int) or isinstance(cid, bool):  # whatever a runtime yields: a reason, not a crash
+                problem, cid = f"an evaluation reply from client {type(cid).__name__} rather than an id", None
+            elif isinstance(e, Failure):
+                problem = str(e.reason)[:500]
+            elif not isinstance(e, Evaluation) or cid not in asked or any(x.client_id == cid for x in results):
+                problem = f"client {cid} was not asked for one evaluation"
             else:
-                cid = e.client_id
                 problem = federated.check(e, (validation_sizes or {}).get(cid), eval_cutoff)
             if problem:
                 log.warning("round %d: evaluation of client %s left out: %s", r, cid, problem)

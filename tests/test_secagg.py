@@ -345,3 +345,33 @@ def test_a_supernode_that_requires_secure_aggregation_refuses_a_plain_round(tmp_
                                                         "secure-aggregation": True}, state=RecordDict(), run_config={})
     with pytest.raises(FeditError, match="only through secure aggregation"):
         flower._train(Message(content, dst_node_id=5, message_type="train"), context)
+
+
+def test_under_dp_a_sum_longer_than_its_clients_clipped_changes_can_make_is_rejected():
+    """Each value within n·c passes the per-value check, but under DP each honest change has norm at most C,
+    so the sum's norm is at most n·C: a client that skipped its clip is caught (issue 28, item 5)."""
+    from fedit.runtime.flower import check_sum
+
+    ref = {"a": torch.zeros(100)}
+    bound, q, n = 0.5, 2**22, 3
+    honest = [np.full(100, 0.04), np.array([bound * 2])]  # three changes of norm ≤ 0.5 each: 1.2 / 1.5 and 2 bits
+    total, bits, problem = check_sum(honest, ref, n, bound, bound, q)
+    assert problem is None and bits == 2.0 and torch.allclose(total["a"], torch.full((100,), 0.04, dtype=torch.float64))
+    # one client sends every value at +c instead of its clipped change: each value 0.5 + 2·0.04 < 3·0.5, but
+    # the norm is about 0.58·√100 = 5.8 > 1.5
+    skipped = [np.full(100, 0.5 + 0.08), np.array([bound * 3])]
+    _, _, problem = check_sum(skipped, ref, n, bound, bound, q)
+    assert problem and "skipped its clip" in problem
+    # without DP only the per-value range holds: the same sum passes (docs/boundary.md states the weaker bound)
+    assert check_sum(skipped[:1], ref, n, bound, 0.0, q)[2] is None
+
+
+def test_the_bits_count_rounds_half_up_so_one_honest_bit_moves_it_by_one():
+    """A tampered masked bit value can put the others' sum at k + 0.5; rounding half to even would then let an
+    honest bit move the count by 0 or by 2, rounding half up always by 1 (sensitivity 1/2 after centring)."""
+    from fedit.runtime.flower import check_sum
+
+    ref, bound = {"a": torch.zeros(2)}, 0.5
+    counts = [check_sum([np.zeros(2), np.array([bound * v])], ref, 5, bound, bound, 2**22)[1]
+              for v in (1.5, 2.5, 2.49, 3.5)]
+    assert counts == [2.0, 3.0, 2.0, 4.0]  # round() would give 2, 2, 2, 4

@@ -332,15 +332,19 @@ def reply_to_update(content: RecordDict, cid: int):
     """The Update in a train reply, or the reason it is malformed (a string)."""
     from fedit.protocol import Update
 
+    from fedit.boundary import flower_metrics
+
     try:
         reply = content["reply"]
-        metrics = dict(content["metrics"]) if "metrics" in content else {}
+        metrics, dropped = flower_metrics(content["metrics"] if "metrics" in content else None)
         arrays = _array_groups(content)
         sender, num = reply["client-id"], reply["num-examples"]
     except Exception as e:  # untrusted input: whatever it is, it is a rejected reply, not a crashed server
         return f"malformed reply: {type(e).__name__}: {str(e)[:200]}"
     if sender != cid:
         return f"the reply came from a node that is no longer client {cid}"
+    if dropped:
+        log.warning("client %s: %s", cid, dropped)
     return Update(client_id=cid, arrays=arrays, num_examples=num, metrics=metrics)
 
 
@@ -516,6 +520,7 @@ class FlowerRuntime:
     def _secure_fit(self, round_num: int, by_node: dict) -> Iterator:
         """One SecAgg+ round (fedit/runtime/flower_secagg.py) over the nodes of ``by_node``: a Failure per
         client that is not in the sum, then one Summed of the others' changes, if the sum passes its checks."""
+        from fedit.boundary import flower_metrics
         from fedit.protocol import ADAPTER, CLIP, Failure, Summed
 
         sc = self.cfg.secagg
@@ -563,7 +568,10 @@ class FlowerRuntime:
                 log.warning("round %d: SuperNode %s (client %s) reported client-id %r", round_num, node, cid,
                             reported.get(CLIENT_ID))
             clients.append(cid)
-            metrics[cid] = {k[len(METRIC):]: v for k, v in reported.items() if k.startswith(METRIC)}
+            metrics[cid], dropped = flower_metrics({k[len(METRIC):]: v for k, v in reported.items()
+                                                    if isinstance(k, str) and k.startswith(METRIC)})
+            if dropped:
+                log.warning("round %d: client %s: %s", round_num, cid, dropped)
         yield Summed(clients, {ADAPTER: total}, unclipped, metrics)
 
 
@@ -571,8 +579,14 @@ def check_sum(arrays: list, reference: dict, clients: int, c: float, bound: floa
     """(Σ Δ_k by tensor name, Σ not-clipped bits or None, None) from an unmasked sum, or (None, None, why not).
 
     What a sum can be checked for: its arrays (the adapter's, in name order, then under DP the bits'
-    value C·Σ b_k), and the range Flower clipped every value to: a client that tampers with the weight
-    inside its masked vector makes a finite, well-shaped and huge 'sum'."""
+    value C·Σ b_k), and the bounds every honest sum keeps. Each value: Flower clips every value of a
+    change to ±c before masking, so |Σ| ≤ n·c per value. Under client-level DP also the L2 norm: each
+    honest change is clipped on its client to norm C (= c), so ‖Σ Δ_k‖ ≤ n·C; a client that skips its
+    clip could otherwise add up to C·√d. What still passes: a sum within those bounds, so one dishonest
+    client can move the round's sum by up to 2·n·C in norm (n·c per value without DP), and a false
+    clipped-or-not bit (either value is possible for an honest client). See docs/boundary.md."""
+    import math
+
     import numpy as np
     import torch
 
@@ -580,14 +594,19 @@ def check_sum(arrays: list, reference: dict, clients: int, c: float, bound: floa
     total = [torch.from_numpy(np.asarray(a, dtype=np.float64)) for a in arrays]
     unclipped = None
     if bound and total and total[-1].numel() == 1:
-        unclipped = float(round(float(total.pop()[0]) / bound))
+        # rounded half up, never to even: a tampered value at k + 0.5 must not let an honest bit count 0 or 2
+        unclipped = float(math.floor(float(total.pop()[0]) / bound + 0.5))
     if [tuple(t.shape) for t in total] != [tuple(reference[k].shape) for k in keys]:
         return None, None, "the unmasked sum has other arrays than the adapter's"
     largest = max((float(t.abs().max()) for t in total if t.numel()), default=0.0)
+    norm = math.sqrt(sum(float(t.pow(2).sum()) for t in total))
     if largest > clients * c * (1 + 2 / q) + 1e-9 or (bound and (unclipped is None or not 0 <= unclipped <= clients)):
         return None, None, (f"the unmasked sum is out of range (a value of {largest:.3g} from {clients} clients "
                             f"clipped to ±{c:g}): a client tampered with its masked vector; the round's changes "
                             f"are not used")
+    if bound and norm > clients * bound * (1 + 1e-9) + 1e-9:
+        return None, None, (f"the unmasked sum has norm {norm:.4g}, more than {clients} clients each clipped to "
+                            f"{bound:g} can make: a client skipped its clip; the round's changes are not used")
     return dict(zip(keys, total)), unclipped, None
 
 
