@@ -578,6 +578,10 @@ def from_dict(raw: dict[str, Any], source: str = "config", given: set[str] | Non
             if on and not validating:  # a choice made on the server's test set would be tuning on test
                 problems.append(f"{key} chooses rounds on the clients' validation loss: set data.client_validation "
                                 f"(e.g. 0.1) and eval.every >= 1; it never chooses on the test set")
+        so = cfg.strategy
+        if getattr(so, "local_optimizer", "") == "sgd" and not so.local_lr and not t.max_grad_norm:
+            problems.append("strategy.local_optimizer = \"sgd\" with strategy.local_lr = 0 derives SGD's rate from "
+                            "train.max_grad_norm, which is 0 here; set strategy.local_lr or train.max_grad_norm")
         if cfg.judge.url and not cfg.judge.model:
             problems.append("judge.url is set but judge.model is empty; set judge.model to the judge's model name")
         if cfg.model.quantize != "none" and cfg.model.device == "cpu":

@@ -13,9 +13,11 @@ on (client id, example count, arrays): a metric may be called ``round`` or
 ``num_examples`` and nothing collides.
 
 ``ClientAlgorithm`` is the hook an algorithm gets inside the one client loop
-(fedit/client.py): an extra loss term, a gradient hook before each optimizer
-step, arrays to send beside the adapter, and state the client keeps between
-the rounds it takes part in. The strategy side (selection, instructions,
+(fedit/client.py): the local optimizer, an extra loss term, a gradient hook
+before each optimizer step, metrics of its own, arrays to send beside the
+adapter, and state the client keeps between the rounds it takes part in.
+``EvalIns`` and ``Evaluation`` carry federated evaluation: the global adapter
+down, one client's validation loss sums per category up. The strategy side (selection, instructions,
 aggregation, state) is ``fedit.strategies.base.Strategy``.
 
 This module imports no training code, so config validation and the Flower

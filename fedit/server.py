@@ -31,6 +31,7 @@ from fedit.checkpoint import atomic_write, atomic_write_json
 from fedit.config import Config
 from fedit.errors import FeditError
 from fedit.adapter import Adapter, load_adapter_file
+from fedit.aggregators import round_size
 from fedit.boundary import check_update  # noqa: F401  (re-exported: it lived here)
 from fedit.evaluation import federated
 from fedit.protocol import CLIP, GLOBAL, EvalIns, Evaluation, Failure, FitIns, Summed, Update, nbytes
@@ -128,7 +129,7 @@ def run(cfg: Config, runtime: Runtime, run_dir: str | Path, *, client_ids: list[
     secure = getattr(runtime, "secure", False)  # it delivers the round's changes as one Summed
     plan = hetero.LoraPlan(cfg, hetero.client_loras(cfg, client_ids, {hetero.short_name(k) for k in initial_adapter}),
                            initial_adapter)
-    k = max(1, round(fed.fraction * len(client_ids))) if fed.fraction > 0 else fed.clients_per_round
+    k = round_size(fed, len(client_ids))
     if k > len(client_ids):
         raise FeditError(f"federation.clients_per_round = {k} but the partition has {len(client_ids)} clients; "
                          f"lower it or partition into more clients")
@@ -140,7 +141,8 @@ def run(cfg: Config, runtime: Runtime, run_dir: str | Path, *, client_ids: list[
         if cfg.lora.freeze_a:
             dp.fixed = hetero.is_a
         meta = {**(meta or {}), "privacy": {"noise_multiplier": dp.z, "update_noise_multiplier": dp.z_delta,
-                                            "expected_clients": dp.m, "sampling_rate": dp.q}}
+                                            "expected_clients": dp.m, "sampling_rate": dp.q,
+                                            **({"count_noise": dp.sigma_b} if dp.sigma_b else {})}}
 
     def example_cap(cid) -> int | None:
         caps = [math.ceil(client_sizes[cid] * cfg.train.local_epochs)] if client_sizes and cid in client_sizes else []
@@ -377,6 +379,8 @@ def run(cfg: Config, runtime: Runtime, run_dir: str | Path, *, client_ids: list[
                 row["available"] = pool
             if dp is not None:
                 row["privacy"] = dict(dp.last_report)
+            if strategy.derived():  # settings the strategy took from the data (FedAdam's tau and eta)
+                row["strategy"] = strategy.derived()
             if strategy.kept_clients is not None:
                 row["kept"] = strategy.kept_clients  # Krum / Multi-Krum: whose changes made the round's step
             improved = None

@@ -203,7 +203,8 @@ def chat_cmd(args: argparse.Namespace, console) -> None:
         server.chat = make_chat(args, console)
         if args.host not in ("127.0.0.1", "localhost", "::1"):
             console.print(f"warning: serving on {args.host}: anyone who reaches this address can use the chat "
-                          f"(there is no login)")
+                          f"(there is no login); open it by IP address (http://<ip>:{args.port}/): host names are "
+                          f"refused, so that another site's page cannot reach it by DNS rebinding")
     except BaseException:
         server.server_close()
         raise

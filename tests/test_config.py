@@ -326,3 +326,16 @@ def test_every_default_is_within_its_own_bounds():
     for section, cls in classes.items():
         for f in dataclasses.fields(cls):
             assert check_value(f"{section}.{f.name}", f, f.default)[1] is None, (section, f.name)
+
+
+def test_scaffold_with_local_sgd_needs_a_rate_or_a_gradient_clip():
+    """SGD's rate is derived from train.max_grad_norm when strategy.local_lr is 0: with both 0 there is none,
+    and the config says so before any client trains."""
+    from fedit.config import from_dict
+
+    base = {"federation": {"strategy": "scaffold"}, "strategy": {"local_optimizer": "sgd"}}
+    with pytest.raises(FeditError, match="set strategy.local_lr or train.max_grad_norm"):
+        from_dict({**base, "train": {"max_grad_norm": 0.0}})
+    assert from_dict({**base, "train": {"max_grad_norm": 0.0}, "strategy": {"local_optimizer": "sgd",
+                                                                          "local_lr": 0.01}}).strategy.local_lr == 0.01
+    assert from_dict(base).strategy.local_optimizer == "sgd"

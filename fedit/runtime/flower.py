@@ -38,12 +38,20 @@ the SuperLink declared the node unavailable after missed heartbeats, about
 reason)``; the round loop logs them and aggregates the replies that came.
 
 Cost: the Deployment Runtime runs every message in a fresh ``flwr-clientapp``
-process, so the base model is loaded once per message, not once per SuperNode
-(about 3 s for SmolLM2-135M on 2 CPU cores: 1.6 s of imports, 1.3 s of
-from_pretrained; see docs/flower.md). Each train reply reports it as
-``load_seconds``. A module-level cache keeps the model where the process does
-survive (Flower's Ray simulation runtime, one model per actor; the adapter is
-set per message, so no client state lives in it).
+process (flwr 1.41 and 1.42). A SuperNode started by `fedit site` has a worker
+(node config ``worker``: fedit/site.py) that keeps the base model loaded and the
+client state on the site's disk; the ClientApp hands it the message's arrays over
+a local socket and relays the answer, without importing torch. A plain SuperNode
+does the work in the ClientApp process itself (fedit.site.SiteWork), loading the
+model per message (about 3 s for SmolLM2-135M on 2 idle CPU cores), with the
+client state in Flower's node context. Each train reply reports the time before
+training as ``load_seconds``. The model cache of fedit/site.py also keeps the
+model where the process does survive (Flower's Ray simulation runtime, one model
+per actor; the adapter is set per message, so no client state lives in it).
+
+Which client a SuperNode is: from its node config (``client-id``), or, for
+sites whose keys `fedit server` registered, from the node id its key was given
+(run config ``bindings``), so a node cannot claim another site's id.
 """
 
 from __future__ import annotations
