@@ -63,6 +63,7 @@ def scalars(row: dict, clients: list[dict], private: bool = False) -> dict[str, 
     out["round/bytes_up"] = sum(c.get("bytes_up") or 0 for c in ok)
     if private:
         return out
+    out.update({f"drift/{k}": v for k, v in (row.get("drift") or {}).items() if _number(v) is not None})
     tokens = seconds = loss_sum = 0.0
     for c in ok:
         metrics = c.get("metrics")

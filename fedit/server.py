@@ -269,6 +269,7 @@ def run(cfg: Config, runtime: Runtime, run_dir: str | Path, *, client_ids: list[
             if plan.active:  # each client gets its own rank and modules of the global adapter
                 instructions = [plan.down(ins) for ins in instructions]
             sent = {ins.client_id: ins for ins in instructions}
+            drift = Drift()
             down = {cid: nbytes(ins.arrays) for cid, ins in sent.items()}
             rejected: list[dict] = []
             accepted_ids: list[int] = []
@@ -322,6 +323,7 @@ def run(cfg: Config, runtime: Runtime, run_dir: str | Path, *, client_ids: list[
                     # ‖θ_k − θ‖ before any bound: what max_update_norm and privacy.clipping_norm act on
                     extra["update_norm"] = update_norm(clean.adapter, ins.global_adapter)
                     out = plan.up(clean, global_adapter) if plan.active and plan.mode == "factors" else clean
+                    drift.add(out.adapter, global_adapter)
                 if dropped:
                     extra["metrics_dropped"] = boundary.summary(dropped)
                     log.warning("round %d: client %s: %d metric(s) dropped: %s", r, boundary.describe(cid),
@@ -379,6 +381,9 @@ def run(cfg: Config, runtime: Runtime, run_dir: str | Path, *, client_ids: list[
                 row["available"] = pool
             if dp is not None:
                 row["privacy"] = dict(dp.last_report)
+            spread = drift.figures(client_rows)
+            if spread:  # measured client drift: the mean cosine between the round's changes, their norms
+                row["drift"] = spread
             if strategy.derived():  # settings the strategy took from the data (FedAdam's tau and eta)
                 row["strategy"] = strategy.derived()
             if strategy.kept_clients is not None:
@@ -392,6 +397,41 @@ def run(cfg: Config, runtime: Runtime, run_dir: str | Path, *, client_ids: list[
             report.round(row, client_rows)
     save_adapter(global_adapter, rd.path / "adapter")  # the final global adapter, where users look first
     return global_adapter
+
+
+class Drift:
+    """How far apart the round's accepted client changes point: the mean cosine over pairs of them, from one
+    streamed sum of their unit vectors (Σ_{i<j} cos(Δ_i, Δ_j) = (‖Σ u_k‖² − K) / 2 with u_k = Δ_k / ‖Δ_k‖), so
+    a round holds one extra adapter-sized accumulator, not every change. 1: all alike; 0: unrelated."""
+
+    def __init__(self):
+        self.acc: Adapter = {}
+        self.k = 0
+        self.usable = True  # changes of other shapes (a client's own rank in product mode) are not comparable
+
+    def add(self, adapter: Adapter, reference: Adapter) -> None:
+        if not self.usable or set(adapter) != set(reference) or any(
+                adapter[k].shape != reference[k].shape for k in reference):
+            self.usable = False
+            return
+        delta = {k: adapter[k].double() - reference[k].double() for k in sorted(reference)}
+        norm = math.sqrt(sum(float(v.pow(2).sum()) for v in delta.values()))
+        if norm == 0:
+            return
+        for k, v in delta.items():
+            self.acc[k] = self.acc[k] + v / norm if k in self.acc else v / norm
+        self.k += 1
+
+    def figures(self, client_rows: list[dict]) -> dict | None:
+        """{"mean_cosine", "clients", "norm_min", "norm_median", "norm_max"} of the round; None below 2 changes."""
+        if not self.usable or self.k < 2:
+            return None
+        from statistics import median
+
+        total = sum(float(v.pow(2).sum()) for v in self.acc.values())
+        norms = [c["update_norm"] for c in client_rows if c.get("accepted") and "update_norm" in c]
+        return {"mean_cosine": (total - self.k) / (self.k * (self.k - 1)), "clients": self.k,
+                "norm_min": min(norms), "norm_median": median(norms), "norm_max": max(norms)}
 
 
 def update_norm(adapter: Adapter, reference: Adapter) -> float:

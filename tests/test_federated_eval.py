@@ -370,3 +370,27 @@ def test_personalize_refuses_a_run_without_validation_splits_and_settings_of_the
         personalize(tmp_path / "run")
     with pytest.raises(FeditError, match="only \\[personalize\\] keys"):
         personalize(tmp_path / "run", ["train.lr=1"])
+
+
+def test_client_drift_is_the_mean_cosine_between_the_rounds_changes(tmp_path):
+    """Three changes (1, 0), (0, 1), (1, 1) from a zero adapter: cosines 0, 1/√2, 1/√2, mean √2 / 3; norms 1, 1, √2."""
+
+    class Three(Scripted):
+        def fit(self, r, instructions):
+            steps = {0: [1.0, 0.0], 1: [0.0, 1.0], 2: [1.0, 1.0]}
+            for ins in instructions:
+                g = ins.global_adapter
+                yield Update(ins.client_id, {"adapter": {"m.w": g["m.w"] + torch.tensor(steps[ins.client_id])}}, 4)
+
+    cfg = from_dict({"federation": {"rounds": 1, "clients_per_round": 3},
+                     "run": {"out": str(tmp_path / "run"), "report_to": [], "progress": False}, "eval": {"every": 0}})
+    server.run(cfg, Three(LOSSES), tmp_path / "run", client_ids=[0, 1, 2], initial_adapter={"m.w": torch.zeros(2)},
+               save_adapter=_save)
+    d = server.RunDir(tmp_path / "run").events("round")[1]["drift"]
+    assert d == {"mean_cosine": pytest.approx(2 ** 0.5 / 3), "clients": 3, "norm_min": pytest.approx(1.0),
+                 "norm_median": pytest.approx(1.0), "norm_max": pytest.approx(2 ** 0.5)}
+    # identical changes point the same way: 1
+    drift = server.Drift()
+    for _ in range(3):
+        drift.add({"w": torch.tensor([2.0, -1.0])}, {"w": torch.zeros(2)})
+    assert drift.figures([{"accepted": True, "update_norm": 5 ** 0.5}] * 3)["mean_cosine"] == pytest.approx(1.0)
