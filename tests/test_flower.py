@@ -711,3 +711,116 @@ def test_secure_aggregation_under_dp_clips_on_the_clients(secure_deployment, tmp
     noise = 0.01 * c * math.sqrt(dims) * 1.5  # the noise's norm, with room (its std per value is z·C)
     assert step * m <= 3 * c + noise
     assert step > 0
+
+
+class FuzzGrid(FakeGrid):
+    """Every train and evaluate reply drawn from a seeded generator of what a hostile or broken client can put
+    in Flower records (ConfigRecord values of every type, MetricRecords, arrays of any dtype and shape, missing
+    records, errors), with an honest reply now and then."""
+
+    def __init__(self, nodes, adapter, rng):
+        super().__init__(nodes, {}, adapter)
+        self.rng, self.replies = rng, 0
+
+    def _value(self):
+        import numpy as np
+
+        r = self.rng
+        return r.choice([0, -1, 2**62, 1.5, float("nan"), float("inf"), -1e300, True, "x" * r.randrange(0, 5000),
+                         b"\x00\xff", [1, 2], [1.0, float("nan")], ["a", "b"], np.int64(3).item()])
+
+    def _train(self, m, cid):
+        import numpy as np
+        from flwr.app import Array, Error, Message, MetricRecord, RecordDict
+
+        r = self.rng
+        self.replies += 1
+        kind = r.randrange(8)
+        if kind == 0 or cid == 0:  # honest (client 0 always: a round needs one valid update to go on)
+            return Message(RecordDict({"arrays.adapter": flower.adapter_to_record(self.adapter),
+                                       "reply": flower.ConfigRecord({"client-id": cid, "num-examples": 5}),
+                                       "metrics": MetricRecord({"train_loss": 1.0})}), reply_to=m)
+        if kind == 1:
+            return Message(Error(code=r.choice([2, 5, 8, 99]), reason=str(self._value())[:100]), reply_to=m)
+        arrays = {}
+        for k in r.sample(["a.lora_A.weight", "b", "a.lora_A.weight "], r.randrange(0, 3)):
+            dtype = r.choice([np.float32, np.float16, np.int64, np.bool_, np.float64, np.uint8])
+            shape = r.choice([(2, 3), (3, 2), (0,), (2, 3, 1), ()])
+            arr = np.asarray(np.random.default_rng(r.randrange(10**6)).standard_normal(shape) * r.choice([1, 1e30])).astype(dtype)
+            arrays[k] = Array(arr)
+        content = {"reply": flower.ConfigRecord({"client-id": r.choice([cid, cid + 1, "0", 1.0, -cid]),
+                                                 "num-examples": self._value()})}
+        if arrays:
+            content["arrays." + r.choice(["adapter", "control", "adapter"])] = flower.ArrayRecord(arrays)
+        metrics = {}
+        for i in range(r.randrange(0, 80)):
+            v = self._value()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) or (isinstance(v, list) and all(
+                    isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)):
+                metrics[r.choice(["seconds", "train_loss", f"m{i}", "x" * 200, "round", "\n"])] = v
+        content["metrics"] = MetricRecord(metrics)
+        if kind == 2:
+            del content["reply"]
+        return Message(RecordDict(content), reply_to=m)
+
+    def _evaluate(self, m, cid):
+        from flwr.app import Message, RecordDict
+
+        r = self.rng
+        self.replies += 1
+        n = r.randrange(0, 4)
+        ev = {"client-id": r.choice([cid, cid, cid + 1]), "examples": r.choice([3, -1, 10**6, "3"]),
+              "categories": [f"c{i}" for i in range(n)] if r.random() < 0.8 else ["a", "a"],
+              "loss-sums": [r.choice([2.0, 2.0, -1.0, float("nan"), float("inf"), 1e300]) for _ in range(n)]
+              if r.random() < 0.9 else ["2.0"] * n,
+              "tokens": [r.choice([4, -4, 10**9]) for _ in range(r.choice([n, n + 1]))],
+              "counts": [1] * n}
+        return Message(RecordDict({"evaluation": flower.ConfigRecord(ev)}), reply_to=m)
+
+    def pull_messages(self, ids):
+        out = []
+        for mid in ids:
+            m = self.sent[mid]
+            cid = self.nodes[m.metadata.dst_node_id]
+            kind = m.metadata.message_type
+            if kind == "train":
+                out.append(self._train(m, cid))
+            elif kind == "evaluate":
+                out.append(self._evaluate(m, cid))
+            else:
+                out.extend(super().pull_messages([mid]))
+        return out
+
+
+def test_fuzz_hostile_flower_replies_through_the_decoding_and_the_round_loop(tmp_path, caplog):
+    """A few hundred generated train and evaluate replies, decoded by the Flower runtime and checked by the round
+    loop (issue 28): no exception escapes, every bad reply is logged with its reason, the run completes."""
+    import logging
+    import random
+
+    adapter = {"a.lora_A.weight": torch.arange(6, dtype=torch.float32).reshape(2, 3)}
+    grid = FuzzGrid({100 + c: c for c in range(6)}, adapter, random.Random(2028))
+    cfg = tiny_config(Path("m"), Path("c"), tmp_path / "run", federation={"rounds": 12, "clients_per_round": 6},
+                      data={"client_validation": 0.2}, eval={"test": False}, run={"report_to": []})
+    rt = flower.FlowerRuntime(grid, cfg, flower.Nodes(grid, node_wait=2.0), poll=0.0)
+
+    def save(a, path):
+        from safetensors.torch import save_file
+
+        path.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in a.items()}, path / "adapter_model.safetensors")
+
+    with caplog.at_level(logging.WARNING):
+        server.run(cfg, rt, tmp_path / "run", client_ids=list(range(6)), initial_adapter=adapter, save_adapter=save,
+                   validation_sizes={c: 3 for c in range(6)}, client_sizes={c: 10 for c in range(6)})
+    assert grid.replies >= 140  # 12 rounds x 6 train replies, 13 evaluations x 6
+    rd = server.RunDir(tmp_path / "run")
+    rows = rd.events()
+    assert [r["round"] for r in rows if r["event"] == "round"] == list(range(13))
+    clients = [r for r in rows if r["event"] == "client"]
+    assert len(clients) == 72 and all(c["accepted"] or c["reason"] for c in clients)
+    assert sum(not c["accepted"] for c in clients) > 40 and sum(c["accepted"] for c in clients) >= 12
+    left_out = [x for r in rows if r["event"] == "round" for x in (r.get("validation") or {}).get("left_out", [])]
+    assert len(left_out) > 30 and all(isinstance(x["reason"], str) and x["reason"] for x in left_out)
+    assert "Traceback" not in caplog.text
+    assert torch.isfinite(load_adapter_file(rd.round_dir(12))["a.lora_A.weight"]).all()
