@@ -108,13 +108,16 @@ def strategy_configs(scale: Scale, strategies: list[str], config_file: str | Non
 
 def compare(scale_name: str, strategies: list[str], data: str = DEFAULT_DATA, out: str | None = None,
             config_file: str | None = None, overrides: list[str] | tuple[str, ...] = (), sets: list[str] = (),
-            console=None, grids: list[str] = (), select: bool = False) -> Path:
+            console=None, grids: list[str] = (), select: bool = False, seeds: list[int] = ()) -> Path:
     from fedit.data.records import load_records
     from fedit.model import attach_lora, load_base
 
     if scale_name not in SCALES:
         raise FeditError(f"--scale {scale_name!r}: choose one of {', '.join(SCALES)}")
     scale = SCALES[scale_name]
+    if seeds:
+        return compare_seeds(scale_name, strategies, data, out, config_file, list(overrides), list(sets), console,
+                             list(grids), select, list(seeds))
     if select:
         return compare_selected(scale, strategies, data, out, config_file, list(overrides), list(sets), list(grids),
                                 console)
@@ -145,12 +148,98 @@ def compare(scale_name: str, strategies: list[str], data: str = DEFAULT_DATA, ou
                        f"{ds.sizes['centralized']['examples']} records, 1 epoch" if name == "centralized" else
                        f"{mcfg.federation.rounds} rounds x {mcfg.federation.clients_per_round} clients")
     result = summarise(runs, strategies, configs, scale, data, time.perf_counter() - started,
-                       parse_sets(list(sets), strategies))
+                       parse_sets(list(sets), strategies), ds.test_file)
     atomic_write_json(out_dir / "compare.json", result)
     atomic_write(out_dir / "compare.md", markdown(result))
     plot(result, out_dir / "compare.png")
     say(f"wrote {out_dir / 'compare.md'}, {out_dir / 'compare.png'}, {out_dir / 'compare.json'}")
     return out_dir
+
+
+# ---------------------------------------------------------------- several seeds
+
+def compare_seeds(scale_name: str, strategies: list[str], data: str, out: str | None, config_file: str | None,
+                  overrides: list[str], sets: list[str], console, grids: list[str], select: bool,
+                  seeds: list[int]) -> Path:
+    """The whole comparison once per seed (the split, the LoRA init, the selection, the data order and the
+    validation split all follow it: federation.seed and data.seed), then the spread over seeds beside each
+    seed's bootstrap interval (which covers the test records only)."""
+    if len(set(seeds)) != len(seeds) or any(s < 0 for s in seeds):
+        raise FeditError(f"--seeds {','.join(map(str, seeds))}: give distinct whole numbers >= 0")
+    say = console.print if console is not None else (lambda *a, **k: None)
+    out_dir = Path(out or f"runs/compare-{scale_name}{'-select' if select else ''}-seeds")
+    per_seed = {}
+    for seed in seeds:
+        say(f"seed {seed} ({len(per_seed) + 1} of {len(seeds)})")
+        d = compare(scale_name, strategies, data, str(out_dir / f"seed-{seed}"), config_file,
+                    [*overrides, f"federation.seed={seed}", f"data.seed={seed}"], sets, console, grids, select)
+        per_seed[seed] = json.loads((d / "compare.json").read_text())
+    result = over_seeds(per_seed)
+    atomic_write_json(out_dir / "compare-seeds.json", result)
+    atomic_write(out_dir / "compare-seeds.md", markdown_seeds(result))
+    say(f"wrote {out_dir / 'compare-seeds.md'}, {out_dir / 'compare-seeds.json'} (each seed's in seed-N/)")
+    return out_dir
+
+
+def _spread(values: list[float]) -> dict:
+    arr = np.asarray(values, dtype=np.float64)
+    return {"mean": float(arr.mean()), "sd": float(arr.std(ddof=1)) if len(arr) > 1 else 0.0,
+            "min": float(arr.min()), "max": float(arr.max()), "values": [float(v) for v in arr]}
+
+
+def over_seeds(per_seed: dict[int, dict]) -> dict:
+    """Per strategy: test loss, gap to Centralized and to FedAvg over the seeds (mean, sd, min, max), how many
+    seeds' intervals lie wholly below or above zero, and the same per category against FedAvg."""
+    runs = list(per_seed.values())
+    labels = list(runs[0]["strategies"])
+    rows = {}
+    for label in labels:
+        rs = [res["strategies"][label] for res in runs]
+        row = {"loss": _spread([r["loss"] for r in rs]), "gap": _spread([r["gap"] for r in rs]),
+               "gap_intervals": [[r["gap_low"], r["gap_high"]] for r in rs]}
+        if all(r.get("vs_fedavg") for r in rs):
+            row["vs_fedavg"] = _spread([r["vs_fedavg"][0] for r in rs])
+            row["vs_fedavg_below"] = sum(r["vs_fedavg"][2] < 0 for r in rs)  # lower loss than FedAvg, CI excludes 0
+            row["vs_fedavg_above"] = sum(r["vs_fedavg"][1] > 0 for r in rs)
+            cats = sorted(set.intersection(*(set(r["vs_fedavg_by_category"]) for r in rs)))
+            row["vs_fedavg_by_category"] = {c: {**_spread([r["vs_fedavg_by_category"][c][0] for r in rs]),
+                                                "below": sum(r["vs_fedavg_by_category"][c][2] < 0 for r in rs),
+                                                "above": sum(r["vs_fedavg_by_category"][c][1] > 0 for r in rs)}
+                                            for c in cats}
+        if "selected" in rs[0]:
+            row["selected"] = [r["selected"] for r in rs]
+        rows[label] = row
+    return {"seeds": list(per_seed), "scale": runs[0]["scale"], "data": runs[0]["data"],
+            "test_records": runs[0]["test_records"], "strategies": rows,
+            "centralized": _spread([res["centralized"]["loss"] for res in runs]),
+            "base": _spread([res["base"]["loss"] for res in runs])}
+
+
+def markdown_seeds(res: dict) -> str:
+    pm = lambda s, pct=False: (f"{100 * s['mean']:+.2f}% ± {100 * s['sd']:.2f}" if pct  # noqa: E731
+                               else f"{s['mean']:.4f} ± {s['sd']:.4f}")
+    n = len(res["seeds"])
+    rows = [["base (untuned)", pm(res["base"]), "", ""], ["centralized", pm(res["centralized"]), "", ""]]
+    for label, r in res["strategies"].items():
+        vs = (f"{pm(r['vs_fedavg'], True)} (below in {r['vs_fedavg_below']}, above in {r['vs_fedavg_above']} of {n})"
+              if "vs_fedavg" in r else "")
+        rows.append([label, pm(r["loss"]), pm(r["gap"], True), vs])
+    cat_lines = []
+    for label, r in res["strategies"].items():
+        for c, v in (r.get("vs_fedavg_by_category") or {}).items():
+            if v["below"] == n or v["above"] == n:  # only what every seed's interval separates from zero
+                cat_lines.append(f"- {label}, {c.replace('_', ' ')}: {pm(v, True)} against FedAvg, "
+                                 f"{'below' if v['below'] == n else 'above'} zero in every seed's interval")
+    return "\n".join([
+        f"# Federated algorithms over {n} seeds ({res['scale']} scale)", "",
+        f"Data `{res['data']}`, {res['test_records']} test records; seeds {', '.join(map(str, res['seeds']))}: "
+        f"each seed draws its own split, LoRA init, client selection, data order and validation split. Mean ± "
+        f"standard deviation over the seeds; 'below in k of {n}': the seeds whose 95% paired bootstrap interval "
+        f"(over the test records) lies wholly below zero (lower loss than FedAvg).", "",
+        report.table(["method", "test loss", "gap to Centralized", "vs FedAvg"], rows), "",
+        "Per-category differences against FedAvg that every seed's interval separates from zero:", "",
+        *(cat_lines or ["- none"]), "",
+        "Each seed's own tables: seed-N/compare.md.", ""])
 
 
 # ---------------------------------------------------------------- options chosen on validation
@@ -248,6 +337,7 @@ def _score_selected(out_dir: Path, runs: Path, test_file: Path, loaded, cfg: Con
     t = cfg.train
     test = tokenize(load_records(test_file).records, loaded.tokenizer, cfg.eval.cutoff_len or t.cutoff_len,
                     t.train_on_inputs, cfg.data.template)
+    categories = [e.category for e in test]
     cache_file = out_dir / "test_scores.json"
     test_sha = hashlib.sha256(test_file.read_bytes()).hexdigest()
     cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
@@ -280,7 +370,7 @@ def _score_selected(out_dir: Path, runs: Path, test_file: Path, loaded, cfg: Con
                            for n, v in c["validation"].items()},
             "validation_curve": val_curve, "curve": test_curve,
             "rounds_tau": selection.kendall_tau([v for _, v in val_curve], [x for _, x in test_curve]),
-            **scored(final[name], central, fedavg if label != "fedavg" else None, base),
+            **scored(final[name], central, fedavg if label != "fedavg" else None, base, categories),
             **traffic(rd.events("client"), len(val_curve) - 1),
         }
     every = [(v, final[n]["loss"]) for c in chosen.values() for n, v in c["validation"].items()]
@@ -325,6 +415,7 @@ def markdown_selected(res: dict) -> str:
         f"{res['test_records']} test records ({res['test_per_category']} per category) were read. Centralized "
         f"trained one epoch on the clients' training splits. Total {res['seconds'] / 60:.1f} min.", "",
         report.table(head, rows), "",
+        *category_table(res),
         "Every candidate (the test column was computed after the choice and chose nothing):", "",
         report.table(["strategy", "option", "validation loss", "test loss", ""], cand_rows), "",
         f"Do validation and test agree? Kendall τ between the two losses: over the chosen strategies "
@@ -332,6 +423,19 @@ def markdown_selected(res: dict) -> str:
         f"chosen run: " + ", ".join(f"{label} {tau(r['rounds_tau'])}" for label, r in res["strategies"].items())
         + " (1: the same order).", "",
         "Loss per round, validation (left) and test (right, scored after the choice): ![compare](compare.png)", ""])
+
+
+def category_table(res: dict) -> list[str]:
+    """Each strategy against FedAvg per category, with the paired bootstrap interval on that category's records."""
+    rows = [(label, r["vs_fedavg_by_category"]) for label, r in res["strategies"].items() if r.get("vs_fedavg_by_category")]
+    if not rows:
+        return []
+    cats = sorted({c for _, v in rows for c in v})
+    cell = lambda g: f"{100 * g[0]:+.2f}% ({100 * g[1]:+.2f}, {100 * g[2]:+.2f})" if g else ""  # noqa: E731
+    return ["Against FedAvg per category (95% paired bootstrap interval on that category's test records; an interval "
+            "that holds 0 shows no difference):", "",
+            report.table(["method", *[c.replace("_", " ") for c in cats]],
+                         [[label, *[cell(v.get(c)) for c in cats]] for label, v in rows]), ""]
 
 
 def plot_selected(res: dict, path: Path) -> None:
@@ -388,9 +492,10 @@ def bootstrap_gap(ours: list, ref: list, seed: int = 0, n: int = BOOTSTRAP) -> t
 
 
 def summarise(runs: Path, strategies: list[str], configs: dict[str, Config], scale: Scale, data: str,
-              seconds: float, sets: dict[str, list[str]] | None = None) -> dict:
+              seconds: float, sets: dict[str, list[str]] | None = None, test_file: Path | None = None) -> dict:
     from fedit import server
 
+    categories = test_categories(test_file or runs.parent / "data" / "fedit" / "test.jsonl")
     central = _rounds(runs / "centralized")
     base, central_final = central[0]["eval"], central[-1]["eval"]
     rows = {}
@@ -404,7 +509,7 @@ def summarise(runs: Path, strategies: list[str], configs: dict[str, Config], sca
             "options": dataclasses.asdict(configs[name].strategy),
             "settings": (sets or {}).get(name, []),
             "curve": [[r["round"], r["eval"]["loss"]] for r in rounds],
-            **scored(final, central_final, fedavg if name != "fedavg" else None, base),
+            **scored(final, central_final, fedavg if name != "fedavg" else None, base, categories),
             **traffic(clients, len([r for r in rounds if r["round"] > 0])),
         }
     return {"scale": scale.name, "data": data, "test_records": len(central_final["examples"]),
@@ -414,16 +519,34 @@ def summarise(runs: Path, strategies: list[str], configs: dict[str, Config], sca
             "strategies": rows, "seconds": round(seconds, 1)}
 
 
-def scored(final: dict, central: dict, fedavg: dict | None, base: dict) -> dict:
-    """A run's test figures against Centralized and FedAvg, each gap with its paired bootstrap interval."""
+def scored(final: dict, central: dict, fedavg: dict | None, base: dict, categories: list[str]) -> dict:
+    """A run's test figures against Centralized and FedAvg, each gap with its paired bootstrap interval, per
+    category too (``categories``: each test record's, in the order of the per-record sums)."""
     gap, lo, hi = bootstrap_gap(final["examples"], central["examples"])
     # the question a researcher asks: did it beat FedAvg? (paired on the same records)
     vs = bootstrap_gap(final["examples"], fedavg["examples"]) if fedavg else None
     return {"loss": final["loss"], "by_category": final["by_category"], "gap": gap, "gap_low": lo, "gap_high": hi,
             "vs_fedavg": list(vs) if vs else None,
-            "vs_fedavg_by_category": {c: v / fedavg["by_category"][c] - 1 for c, v in final["by_category"].items()
-                                      if c in fedavg["by_category"]} if vs else None,
+            "vs_fedavg_by_category": by_category_gaps(final["examples"], fedavg["examples"], categories)
+            if vs else None,
             "vs_base": final["loss"] / base["loss"] - 1}
+
+
+def by_category_gaps(ours: list, ref: list, categories: list[str]) -> dict[str, list[float]]:
+    """Category -> [gap, low, high]: the paired bootstrap interval of the relative gap on that category's records."""
+    out = {}
+    for c in sorted(set(categories)):
+        idx = [i for i, x in enumerate(categories) if x == c]
+        if any(ref[i][1] for i in idx):
+            out[c] = list(bootstrap_gap([ours[i] for i in idx], [ref[i] for i in idx]))
+    return out
+
+
+def test_categories(test_file: Path) -> list[str]:
+    """Each test record's category, in file order (the order of heldout_loss's per-record sums)."""
+    from fedit.data.records import load_records
+
+    return [r.category for r in load_records(test_file).records]
 
 
 def traffic(clients: list[dict], rounds: int) -> dict:
@@ -473,7 +596,7 @@ def markdown(res: dict) -> str:
         "Held-out loss per response token after the last round (lower is better); the gaps are relative to "
         "Centralized and to FedAvg (negative: lower loss than it), each with a 95% paired bootstrap interval "
         "over the held-out records.", "",
-        report.table(head, rows), "", "Options and settings each run had:", "", *opts, "",
+        report.table(head, rows), "", *category_table(res), "Options and settings each run had:", "", *opts, "",
         "Held-out loss per round: ![compare](compare.png)", ""])
 
 

@@ -80,9 +80,10 @@ def test_smoke_comparison(tmp_path, tiny_model_dir, records_file):
         # (the per-record sums are rounded to 1e-6, so a gap near zero matches to 1e-6, not relatively)
         assert gap == pytest.approx(res["strategies"][name]["loss"] / fedavg_last["loss"] - 1, abs=1e-6)
         assert lo <= gap <= hi
-        by = res["strategies"][name]["vs_fedavg_by_category"]
-        assert by["open_qa"] == pytest.approx(res["strategies"][name]["by_category"]["open_qa"]
-                                              / fedavg_last["by_category"]["open_qa"] - 1)
+        by = res["strategies"][name]["vs_fedavg_by_category"]  # [gap, low, high] on that category's records
+        assert by["open_qa"][0] == pytest.approx(res["strategies"][name]["by_category"]["open_qa"]
+                                                 / fedavg_last["by_category"]["open_qa"] - 1, abs=1e-6)
+        assert by["open_qa"][1] <= by["open_qa"][0] <= by["open_qa"][2]
     # SCAFFOLD's control variates double the bytes of a round; a rank-2 client of the mixed variant
     # moves half the bytes of a rank-4 one, and those are fedavg's
     assert res["strategies"]["scaffold"]["bytes_per_round"] == 2 * res["strategies"]["fedavg"]["bytes_per_round"]
@@ -192,3 +193,51 @@ def test_select_chooses_on_validation_and_reads_the_test_split_only_afterwards(t
         (runs / chosen["fedavg"]["selected"] / "run.json").read_text())["client_splits"].values())
     md = (out / "compare.md").read_text()
     assert "chosen" in md and "read" in md and chosen["fedprox"]["selected"].split("__")[1] in md.replace(" ", "")
+
+
+def test_per_category_gaps_take_only_that_categorys_records():
+    # records of "a": ours 10% above the reference on each; of "b": equal
+    ref = [[2.0, 1], [4.0, 2], [3.0, 1], [5.0, 5]]
+    ours = [[2.2, 1], [4.4, 2], [3.0, 1], [5.0, 5]]
+    got = compare.by_category_gaps(ours, ref, ["a", "a", "b", "b"])
+    assert got["a"] == pytest.approx([0.1, 0.1, 0.1]) and got["b"] == pytest.approx([0.0, 0.0, 0.0])
+
+
+def test_spread_over_seeds_by_hand():
+    per_seed = {}
+    for seed, (loss, gap, vs, vs_lo, vs_hi) in {1: (2.0, 0.02, -0.01, -0.02, -0.005),
+                                                 2: (2.2, 0.04, -0.02, -0.03, 0.001),
+                                                 3: (2.1, 0.03, 0.0, -0.01, 0.01)}.items():
+        per_seed[seed] = {"scale": "smoke", "data": "d", "test_records": 10,
+                          "base": {"loss": 3.0}, "centralized": {"loss": 1.9},
+                          "strategies": {"fedavg": {"loss": 2.0, "gap": 0.0, "gap_low": 0, "gap_high": 0,
+                                                    "vs_fedavg": None},
+                                         "fedprox": {"loss": loss, "gap": gap, "gap_low": gap - 0.01,
+                                                     "gap_high": gap + 0.01, "vs_fedavg": [vs, vs_lo, vs_hi],
+                                                     "vs_fedavg_by_category": {"qa": [vs, vs_lo, vs_hi]}}}}
+    res = compare.over_seeds(per_seed)
+    p = res["strategies"]["fedprox"]
+    assert p["loss"]["mean"] == pytest.approx(2.1) and p["loss"]["sd"] == pytest.approx(0.1)  # sample sd of 2, 2.2, 2.1
+    assert p["gap"]["min"] == pytest.approx(0.02) and p["gap"]["max"] == pytest.approx(0.04)
+    assert (p["vs_fedavg_below"], p["vs_fedavg_above"]) == (1, 0)  # only seed 1's interval lies below zero
+    assert p["vs_fedavg"]["mean"] == pytest.approx(-0.01)
+    assert "vs_fedavg" not in res["strategies"]["fedavg"]
+    md = compare.markdown_seeds(res)
+    assert "below in 1, above in 0 of 3" in md and "- none" in md  # no category every seed separates from zero
+
+
+def test_seeds_rerun_the_comparison_with_each_seed(tmp_path, tiny_model_dir, records_file):
+    out = tmp_path / "cmp"
+    compare.compare("smoke", ["fedavg", "fedprox"], data=str(records_file), out=str(out), seeds=[3, 4],
+                    overrides=[f"model.name={tiny_model_dir}", "model.dtype=fp32", "model.device=cpu", "lora.r=4",
+                               "run.progress=false"])
+    res = json.loads((out / "compare-seeds.json").read_text())
+    assert res["seeds"] == [3, 4]
+    for seed in (3, 4):
+        rows = server.RunDir(out / f"seed-{seed}/runs/fedavg").events("round")
+        cfg = (out / f"seed-{seed}/runs/fedavg/config.toml").read_text()
+        assert f"seed = {seed}" in cfg and len(rows) == 3
+    # different seeds, different splits
+    assert (out / "seed-3/data/fedit/client_000.jsonl").read_text() != (out / "seed-4/data/fedit/client_000.jsonl").read_text()
+    losses = [json.loads((out / f"seed-{s}/compare.json").read_text())["strategies"]["fedprox"]["loss"] for s in (3, 4)]
+    assert res["strategies"]["fedprox"]["loss"]["values"] == losses

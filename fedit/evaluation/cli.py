@@ -72,6 +72,9 @@ def add_parsers(sub) -> None:
     pc.add_argument("--grid", action="append", default=[], metavar="STRATEGY:section.key=v1,v2,...", dest="grids",
                     help="with --select: the values to choose among for one option of one strategy (or label), "
                          "e.g. fedprox:strategy.proximal_mu=0.001,0.01,0.1; several grids of one strategy multiply")
+    pc.add_argument("--seeds", default="", metavar="S1,S2,...",
+                    help="run the whole comparison once per seed (split, init, selection, order and validation "
+                         "split all follow it) and report the mean and spread over seeds (compare-seeds.md)")
     pc.add_argument("--out", default=None, help="output directory (default: runs/compare-SCALE, or "
                                                 "runs/compare-SCALE-select)")
     pc.add_argument("--config", default=None, help="TOML file applied over the scale's settings")
@@ -128,7 +131,17 @@ def compare_command(args: argparse.Namespace, console) -> None:
 
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     compare.compare(args.scale, strategies, data=args.data or DEFAULT_DATA, out=args.out, config_file=args.config,
-                    overrides=args.overrides, sets=args.sets, console=console, grids=args.grids, select=args.select)
+                    overrides=args.overrides, sets=args.sets, console=console, grids=args.grids, select=args.select,
+                    seeds=_seeds(args.seeds))
+
+
+def _seeds(text: str) -> list[int]:
+    from fedit.errors import FeditError
+
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise FeditError(f"--seeds {text!r}: give whole numbers separated by commas, e.g. 42,43,44") from None
 
 
 COMMANDS = {"eval": eval_command, "reproduce": reproduce_command, "compare": compare_command,
