@@ -109,7 +109,7 @@ def main(argv=None) -> None:
     from fedit.data import partition
     from fedit.weights import resolve_source
 
-    out = Path(a.out)
+    out = Path(a.out).resolve()  # the parties run in folders of their own: every path they get is absolute
     out.mkdir(parents=True, exist_ok=False)
     model = str(resolve_source(a.model))  # fetched and converted once, before either mode is timed
     partition.make(a.data, out / "data", clients=a.sites, scheme="iid", test_per_category=1, sample=20 * a.sites + 8,

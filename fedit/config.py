@@ -165,8 +165,8 @@ class EvalConfig:
                        "holds a test set, the clients' validation loss where data.client_validation is set; 0 "
                        "disables both.", min=0)
     clients: Any = _f("all", "Federated evaluation: the clients asked to score the global adapter on their "
-                             "validation split each evaluation round: 'all', a count (10) or a fraction (0.5), drawn "
-                             "with federation.seed and the round.", amount="all")
+                             "validation split each evaluation round: 'all', a count (10; 1 is one client) or a "
+                             "fraction below 1 (0.5), drawn with federation.seed and the round.", amount="all")
     test: bool = _f(True, "Score the server's held-out test set when one exists; false: the server reads no test "
                           "data (fedit compare --select trains its candidates so).")
     batch_size: int = _f(8, "Examples per evaluation forward pass.", min=1)
@@ -278,8 +278,8 @@ class SecAggConfig:
 class PersonalizeConfig:
     steps: int = _f(10, "fedit personalize: optimizer steps of fine-tuning the final global adapter on each "
                         "client's own training split (train.batch_size, train.lr).", min=1)
-    clients: Any = _f("all", "fedit personalize: the clients measured: 'all', a count or a fraction, drawn with "
-                             "federation.seed.", amount="all")
+    clients: Any = _f("all", "fedit personalize: the clients measured: 'all', a count (1 is one client) or a "
+                             "fraction below 1, drawn with federation.seed.", amount="all")
     local_epochs: float = _f(1.0, "fedit personalize: passes over its own training split of the local-only "
                                   "model, trained from the base model (the paper's Local-k: 1).", min=0.0,
                              exclusive_min=True)

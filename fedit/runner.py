@@ -71,19 +71,23 @@ def partition_dir(cfg: Config, run_dir: Path, say: Callable[[str], None] = lambd
 def server_test_file(cfg: Config, clients_dir: Path | None) -> Path | None:
     """The test file the server scores, or None where it holds none: eval.test off, or no data.test_file and
     no records in the partition's test.jsonl. What it cannot do without one is said once, here."""
-    if not cfg.eval.test or not cfg.eval.every:
+    if not cfg.eval.every:
         return None
-    if cfg.data.test_file:
+    if not cfg.eval.test:
+        path = None
+    elif cfg.data.test_file:
         path = Path(cfg.data.test_file)
         if not path.is_file():
             raise FeditError(f"data.test_file {path} does not exist; point it at a held-out file, or leave it unset "
                              f"(the run then measures itself on data.client_validation)")
         return path
-    path = clients_dir / "test.jsonl" if clients_dir else None
-    if path and path.is_file() and path.stat().st_size:
-        return path
+    else:
+        path = clients_dir / "test.jsonl" if clients_dir else None
+        if path and path.is_file() and path.stat().st_size:
+            return path
     if not cfg.data.client_validation:
-        raise FeditError(f"the server holds no test set ({path or 'no data.test_file'} has no records) and the "
+        why = "eval.test = false" if not cfg.eval.test else f"{path or 'no data.test_file'} has no records"
+        raise FeditError(f"the server holds no test set ({why}) and the "
                          f"clients hold back no validation split: nothing would measure the run. Set "
                          f"data.client_validation (e.g. 0.1: federated evaluation on the clients' own data), or "
                          f"data.test_file, or eval.every = 0")
@@ -166,9 +170,6 @@ def run(cfg: Config | None, resume: str | None = None, console=None, loaded: Loa
     sizes = {c: train for c, (train, _) in splits.items()}
     if cfg.data.client_validation:  # each client's training and validation records, as this run holds them back
         meta["client_splits"] = {str(c): {"train": train, "validation": val} for c, (train, val) in splits.items()}
-        if cfg.privacy.enabled:
-            log.warning("privacy.enabled: (ε, δ) covers the adapter updates only; each client's validation loss "
-                        "per category reaches the server in the clear (docs/evaluation.md)")
     canary = cfg.canary
     if canary.client >= 0:  # an experiment with inserted secrets: that client holds more records
         sizes[canary.client] = sizes.get(canary.client, 0) + canary.count * canary.repeats

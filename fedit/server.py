@@ -149,6 +149,9 @@ def run(cfg: Config, runtime: Runtime, run_dir: str | Path, *, client_ids: list[
         return min(caps + ([fed.max_examples] if fed.max_examples else []), default=None)
 
     validating = bool(cfg.data.client_validation) and cfg.eval.every > 0
+    if validating and cfg.privacy.enabled:
+        log.warning("privacy.enabled: (ε, δ) covers the adapter updates only; each client's validation loss per "
+                    "category reaches the server in the clear (docs/federated-evaluation.md)")
     patience = fed.early_stop_patience
     eval_cutoff = cfg.eval.cutoff_len or cfg.train.cutoff_len
 
@@ -166,7 +169,9 @@ def run(cfg: Config, runtime: Runtime, run_dir: str | Path, *, client_ids: list[
             elif not isinstance(e, Evaluation) or cid not in asked or any(x.client_id == cid for x in results):
                 problem = f"client {cid} was not asked for one evaluation"
             else:
-                problem = federated.check(e, (validation_sizes or {}).get(cid), eval_cutoff)
+                # the client's split where the server knows it, else the cap every reply has (federation.max_examples)
+                cap = (validation_sizes or {}).get(cid, fed.max_examples or None)
+                problem = federated.check(e, cap, eval_cutoff)
             if problem:
                 log.warning("round %d: evaluation of client %s left out: %s", r, cid, problem)
                 left_out.append({"client": cid, "reason": problem})
@@ -204,6 +209,8 @@ def run(cfg: Config, runtime: Runtime, run_dir: str | Path, *, client_ids: list[
             strategy.load_state_dict({k: v for k, v in saved.items() if not k.startswith(PRIVACY + "/")})
         client_rounds = {int(c): r for c, r in state.get("client_rounds", {}).items()}
         best = state.get("best")
+        if best and cfg.run.keep_best:  # best/ is written before state.json: a crash between them is undone here
+            save_adapter(load_adapter_file(rd.round_dir(best["round"])), rd.path / "best")
         log.info("resuming %s after round %d", rd.path, state["round"])
     else:
         if rd.path.exists() and (rd.state.exists() or rd.metrics.exists()):

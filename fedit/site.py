@@ -10,8 +10,8 @@ state store. The Flower ClientApp (fedit/runtime/flower.py) uses it in two ways:
   Flower starts a fresh process per message, so the base model is loaded per message
   and the state lives in Flower's in-memory node context;
 - through a worker (``fedit site``): a long-lived process per site that loads the base
-  model once and keeps it between rounds and between runs with the same model and LoRA
-  settings, with the state on the site's disk (``--state``), so a site that is stopped
+  model once and keeps it between rounds and between runs with the same model, LoRA
+  settings and seed (the seeded LoRA init is part of what it keeps), with the state on the site's disk (``--state``), so a site that is stopped
   and started again resumes where it was. Each ClientApp process hands its message to
   the worker over a local socket (Python's multiprocessing.connection: a Unix socket
   with an HMAC challenge on a key only the site's user can read) and relays the
@@ -98,14 +98,15 @@ class SiteWork:
         train, val = split_validation(len(records), cfg.data.client_validation, cfg.data.seed, cid)
         return [records[i] for i in train], [records[i] for i in val]
 
-    def train(self, cfg: Config, ins: FitIns) -> tuple[Update, float]:
-        """(the Update, seconds spent before training: loading or finding the model)."""
+    def train(self, cfg: Config, ins: FitIns, t0: float | None = None) -> tuple[Update, float]:
+        """(the Update, seconds before training: from ``t0``, the message's arrival, to a model ready; imports
+        and loading in a fresh process, finding it in a warm one)."""
+        t0 = time.perf_counter() if t0 is None else t0
         from fedit import client
         from fedit.data.batches import tokenize
         from fedit.protocol import STATE_ROUND
         from fedit.strategies import STRATEGIES
 
-        t0 = time.perf_counter()
         loaded = load_model(cfg, self.model or cfg.model.name)
         load_seconds = time.perf_counter() - t0
         t, cid = cfg.train, ins.client_id
@@ -123,12 +124,12 @@ class SiteWork:
         update.metrics["load_seconds"] = round(load_seconds, 3)
         return update, load_seconds
 
-    def evaluate(self, cfg: Config, ins: EvalIns) -> tuple[Evaluation, float]:
-        """(the Evaluation, seconds spent loading or finding the model)."""
+    def evaluate(self, cfg: Config, ins: EvalIns, t0: float | None = None) -> tuple[Evaluation, float]:
+        """(the Evaluation, seconds before scoring, counted as in ``train``)."""
+        t0 = time.perf_counter() if t0 is None else t0
         from fedit.data.batches import tokenize
         from fedit.runtime.simulation import evaluate_client
 
-        t0 = time.perf_counter()
         loaded = load_model(cfg, self.model or cfg.model.name)
         load_seconds = time.perf_counter() - t0
         t = cfg.train
@@ -162,16 +163,18 @@ def _to_numpy(groups: dict) -> dict:
 def handle(work: SiteWork, request: dict, say=print) -> dict:
     """One request from a ClientApp process: {"kind": "train" | "evaluate", "config", "round", "client_id",
     "fitins", "arrays"} -> {"arrays", "num_examples", "metrics"} / {"evaluation"}, or {"error": why}."""
+    t0 = time.perf_counter()
     try:
         cfg = config_mod.from_dict(tomllib.loads(request["config"]), "the fedit config sent by the server")
         kind, r, cid = request["kind"], int(request["round"]), int(request["client_id"])
         if kind == "evaluate":
-            e, load_seconds = work.evaluate(cfg, EvalIns(r, cid, _to_torch(request["arrays"])))
+            e, load_seconds = work.evaluate(cfg, EvalIns(r, cid, _to_torch(request["arrays"])), t0)
             say(f"round {r}: evaluated as client {cid} (model ready in {load_seconds:.3f} s); sending the loss sums "
                 f"of {e.examples} validation records in {len(e.by_category)} categories")
             return {"evaluation": {"by_category": e.by_category, "examples": e.examples}}
         say(f"round {r}: training as client {cid}")
-        update, load_seconds = work.train(cfg, FitIns(r, cid, _to_torch(request["arrays"]), dict(request["fitins"])))
+        update, load_seconds = work.train(cfg, FitIns(r, cid, _to_torch(request["arrays"]), dict(request["fitins"])),
+                                          t0)
         from fedit.protocol import nbytes
 
         say(f"round {r}: trained as client {cid} on {update.num_examples} examples (model ready in "

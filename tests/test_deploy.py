@@ -276,3 +276,57 @@ def test_a_site_with_bad_data_never_connects(world, tmp_path):
     assert "line 1: no instruction/response fields" in p.text() and "line 2: invalid JSON" in p.text()
     assert "nothing was sent to the server" in p.text()
     assert "Traceback" not in p.text() and not list((bad / "home").rglob("supernode.log"))
+
+
+def test_certs_are_valid_for_the_servers_own_address_and_refuse_colliding_names(tmp_path):
+    done = subprocess.run([str(BIN / "fedit"), "certs", "--out", str(tmp_path / "c"), "--sites", "2", "--host",
+                           "fl.example.org"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    san = subprocess.run(["openssl", "x509", "-in", str(tmp_path / "c/server/server.crt"), "-noout", "-ext",
+                          "subjectAltName"], capture_output=True, text=True).stdout
+    # the address the sites dial, and 127.0.0.1, which the server's own SuperExec and flwr calls dial
+    assert "DNS:fl.example.org" in san and "IP Address:127.0.0.1" in san and "DNS:localhost" in san
+    assert oct((tmp_path / "c/site-1/site-1.key").stat().st_mode & 0o777) == "0o600"
+    done = subprocess.run([str(BIN / "fedit"), "certs", "--out", str(tmp_path / "d"), "--names", "0,site-0"],
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and "distinct" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "d").exists() or not any((tmp_path / "d").iterdir())  # nothing half-written
+
+
+def test_a_site_stopped_by_sigterm_takes_its_supernode_with_it(world, tmp_path):
+    """kill or systemd stop (SIGTERM) stops a site as Ctrl-C does: its SuperNode, in a session of its own, goes too."""
+    root, _, _ = world
+    p = Party("site", [str(BIN / "fedit"), "site", "--data", "records.jsonl", "--server", f"127.0.0.1:{free_ports(1)[0]}",
+                       "--root-certificates", "ca.crt", "--auth-key", "site-0.key", "--state", str(tmp_path / "s")],
+              root / "site0")
+    try:
+        p.wait_for("joining 127.0.0.1", 60)
+        deadline = time.monotonic() + 60
+        while not any("flower-supernode" in _cmd(pid) for pid in children(p.proc.pid)):
+            assert time.monotonic() < deadline, p.text()
+            time.sleep(0.2)
+        node = next(pid for pid in children(p.proc.pid) if "flower-supernode" in _cmd(pid))
+        p.proc.send_signal(signal.SIGTERM)
+        p.proc.wait(60)
+        p.reader.join(5)
+        assert "site site-0 stopped" in p.text()
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{node}").exists() and "Z" not in _state(node) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not Path(f"/proc/{node}").exists() or "Z" in _state(node), "the SuperNode outlived its site"
+    finally:
+        p.stop()
+
+
+def _cmd(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
+    except OSError:
+        return ""
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return ""

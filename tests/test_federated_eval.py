@@ -394,3 +394,52 @@ def test_client_drift_is_the_mean_cosine_between_the_rounds_changes(tmp_path):
     for _ in range(3):
         drift.add({"w": torch.tensor([2.0, -1.0])}, {"w": torch.zeros(2)})
     assert drift.figures([{"accepted": True, "update_norm": 5 ** 0.5}] * 3)["mean_cosine"] == pytest.approx(1.0)
+
+
+def test_each_round_picks_among_the_sites_connected_at_its_start(tmp_path):
+    """A deployment runtime says which sites are connected; the round draws among those (all of them when there
+    are no more than it needs), records them, and goes back to every client once they are back."""
+
+    class Coming(Scripted):
+        def available(self, r, wanted):
+            return [1, 4] if r == 1 else list(range(6))
+
+    cfg = _cfg(tmp_path, data={"client_validation": 0}, eval={"every": 0}, federation={"rounds": 2})
+    server.run(cfg, Coming(LOSSES), tmp_path / "run", client_ids=list(range(6)),
+               initial_adapter={"m.w": torch.zeros(2)}, save_adapter=_save)
+    rows = server.RunDir(tmp_path / "run").events("round")
+    assert rows[1]["clients"] == [1, 4] and rows[1]["available"] == [1, 4]
+    assert "available" not in rows[2] and len(rows[2]["clients"]) == 2
+
+
+def test_without_a_known_split_size_an_evaluation_reply_is_capped_by_max_examples(tmp_path):
+    """A server with no manifest does not know a site's split; federation.max_examples caps what a reply may claim,
+    so one site cannot outweigh the others in the figure every choice is made on."""
+    bad = {(1, 0): Evaluation(0, {"qa": [1.0, 600, 6]}, 6)}
+    cfg = _cfg(tmp_path, federation={"rounds": 1, "max_examples": 5})
+    init = {"m.w": torch.zeros(2)}
+    server.run(cfg, Scripted(LOSSES, bad), tmp_path / "run", client_ids=[0, 1, 2], initial_adapter=init,
+               save_adapter=_save)
+    v = server.RunDir(tmp_path / "run").events("round")[1]["validation"]
+    assert v["clients"] == 2 and "more than this client's validation split holds (5)" in v["left_out"][0]["reason"]
+
+
+def test_a_server_told_not_to_read_its_test_set_and_without_validation_says_what_to_set(tmp_path, tiny_model_dir,
+                                                                                       partition_dir):
+    cfg = tiny_config(tiny_model_dir, partition_dir, tmp_path / "run", eval={"test": False})
+    with pytest.raises(FeditError, match=r"no test set \(eval.test = false\).*Set data.client_validation"):
+        runner.prepare(cfg)
+
+
+def test_a_resume_restores_best_from_the_round_state_json_names(tmp_path):
+    """best/ is written before state.json: after a crash between them it may hold another round; the resume
+    writes it again from the round state.json names."""
+    cfg = _cfg(tmp_path, run={"keep_best": True}, federation={"rounds": 4})
+    with pytest.raises(RuntimeError):
+        _serve(cfg, Scripted(LOSSES, crash_in=4), tmp_path / "run")
+    rd = server.RunDir(tmp_path / "run")
+    assert rd.read_state()["best"]["round"] == 3
+    _save(load_adapter_file(rd.round_dir(2)), tmp_path / "run" / "best")  # as if round 4 had half-finished
+    _serve(cfg, Scripted({**LOSSES, 4: 9.0}), tmp_path / "run", resume=True)
+    best, three = load_adapter_file(tmp_path / "run/best"), load_adapter_file(rd.round_dir(3))
+    assert all(torch.equal(best[k], three[k]) for k in best)

@@ -17,7 +17,7 @@ Replies cross the trust boundary like training replies: ``check`` gives the reas
 left out (non-finite or negative sums, counts that are not whole numbers, more examples than the
 client's split holds, more tokens than its examples can have), and a left-out client is logged.
 What the server learns from a reply is in the clear, also under secure aggregation and
-differential privacy: a client's validation loss per category (docs/evaluation.md says so).
+differential privacy: a client's validation loss per category (docs/federated-evaluation.md says so).
 """
 
 from __future__ import annotations

@@ -59,7 +59,9 @@ def add_parsers(sub) -> None:
     s.add_argument("--config", default=None, help="the run's TOML config, as for `fedit run`")
     s.add_argument("--certs", required=True, metavar="DIR", help="the server folder of `fedit certs` (ca.crt, "
                                                                  "server.crt, server.key, sites.toml, sites/*.pub)")
-    s.add_argument("--host", default="0.0.0.0", help="the address to listen on (default 0.0.0.0: every interface)")
+    s.add_argument("--host", default="127.0.0.1",
+                   help="the address to listen on: 0.0.0.0 (every interface) or this machine's address for sites on "
+                        "other machines (default 127.0.0.1: this machine only; see the warning it prints)")
     s.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"the port sites dial (default {DEFAULT_PORT})")
     s.add_argument("--min-sites", type=int, default=0,
                    help="wait for this many sites before round 1 (default: every registered site)")
@@ -118,9 +120,12 @@ def certs_command(args: argparse.Namespace, console) -> None:
     if not names:
         raise FeditError("give --sites N or --names a,b,c")
     bad = [n for n in names if not n.replace("-", "").replace("_", "").isalnum()]
-    if bad or len(set(names)) != len(names):
-        raise FeditError(f"site names must be distinct letters, digits, - and _: {bad or names}")
-    hosts = args.host or ["127.0.0.1", "localhost"]
+    folders = [_site_folder(n) for n in names]
+    if bad or len(set(folders)) != len(folders):
+        raise FeditError(f"site names must be distinct letters, digits, - and _ (and name distinct folders "
+                         f"site-NAME): {bad or names}")
+    # the server's own processes (its SuperExec, fedit server's flwr calls) dial 127.0.0.1: always valid for it
+    hosts = list(dict.fromkeys([*args.host, "127.0.0.1", "localhost"]))
     san = ",".join(f"IP:{h}" if _is_ip(h, ipaddress) else f"DNS:{h}" for h in hosts)
     ca, srv = out / "ca", out / "server"
     for d in (ca, srv / "sites"):
@@ -138,7 +143,7 @@ def certs_command(args: argparse.Namespace, console) -> None:
     shutil.copyfile(ca / "ca.crt", srv / "ca.crt")
     table = []
     for cid, name in enumerate(names):
-        d = out / f"site-{name}" if not name.startswith("site-") else out / name
+        d = out / _site_folder(name)
         d.mkdir()
         _sh("ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-C", f"fedit {name}", "-f", f"{name}.key",
             cwd=d)
@@ -155,10 +160,13 @@ def certs_command(args: argparse.Namespace, console) -> None:
     say(f"  {srv}/         to the server machine: ca.crt, server.crt, server.key (secret), sites.toml, "
         f"sites/*.pub; its certificate is valid for {', '.join(hosts)}")
     for name in names:
-        d = out / (name if name.startswith("site-") else f"site-{name}")
-        say(f"  {d}/  to site {name} only: {name}.key (its secret), ca.crt")
+        say(f"  {out / _site_folder(name)}/  to site {name} only: {name}.key (its secret), ca.crt")
     say(f"then: fedit server --config run.toml --certs {srv}; on each site: fedit site --data FILE --server "
         f"{hosts[0]}:{DEFAULT_PORT} --root-certificates ca.crt --auth-key NAME.key")
+
+
+def _site_folder(name: str) -> str:
+    return name if name.startswith("site-") else f"site-{name}"
 
 
 def _is_ip(host: str, ipaddress) -> bool:
@@ -237,9 +245,20 @@ def _exe(name: str) -> str:
 
 # ---------------------------------------------------------------- fedit server
 
+def _stop_on_signals() -> None:
+    """SIGTERM (kill, systemd) and SIGHUP (a closed terminal) stop a party as Ctrl-C does: through its
+    finally, so the SuperLink or SuperNode it started in its own session does not outlive it."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, interrupt)
+
+
 def server_command(args: argparse.Namespace, console) -> None:
     from fedit import config as config_mod
 
+    _stop_on_signals()
     if args.resume and (args.config or args.overrides or args.secure_aggregation):
         raise FeditError("--resume continues a run with the config saved in its directory; leave out --config, "
                          "--secure-aggregation and key=value overrides")
@@ -275,6 +294,8 @@ def server_command(args: argparse.Namespace, console) -> None:
             _wait_for_line(logs / "superlink.log", "Uvicorn running", link, 90, "the SuperLink")
             console.print(f"SuperLink listening on {args.host}:{args.port} (TLS, site keys required); log: "
                           f"{logs / 'superlink.log'}")
+            if args.host not in ("127.0.0.1", "localhost", "::1"):
+                console.print(EXPOSED)
             bindings = {}
             for name, (cid, key) in sorted(sites.items(), key=lambda kv: kv[1][0]):
                 node = _register(key, env)
@@ -290,6 +311,12 @@ def server_command(args: argparse.Namespace, console) -> None:
     from fedit import runner
 
     console.print(runner.summary(run_dir))
+
+
+EXPOSED = ("warning: Flower 1.41 serves its Control API (submit and stop runs, register keys) on this same port, "
+           "with no login unless Flower's account authentication is set up: anyone who reaches it can run code on "
+           "this machine as a Flower app. Let only the sites' addresses reach it (a firewall), and only sites you "
+           "trust with that (docs/deployment.md)")
 
 
 def _register(key: Path, env: dict) -> int:
@@ -318,8 +345,9 @@ def _wait_for_line(path: Path, text: str, proc: subprocess.Popen, timeout: float
 
 SENDS = ("each round it is picked, this site sends the server: its trained LoRA adapter (the adapter's arrays, "
          "never a record), the number of examples it trained on, and metrics (train_loss, steps, trained_tokens, "
-         "seconds, load_seconds); when asked to evaluate: per category of its validation split, the loss summed "
-         "over response tokens, the token count and the example count")
+         "seconds, load_seconds, and where they apply examples_shortened and the strategy's own, e.g. prox_ratio; "
+         "each message's are printed before it goes); when asked to evaluate: per category of its validation "
+         "split, the loss summed over response tokens, the token count and the example count")
 
 
 def site_command(args: argparse.Namespace, console) -> None:
@@ -327,6 +355,7 @@ def site_command(args: argparse.Namespace, console) -> None:
     from fedit.runtime.simulation import ClientStateDir
 
     say = console.print
+    _stop_on_signals()
     data = Path(args.data).expanduser().resolve()
     records, lines = site.check_data(data)  # first: nothing leaves the site before its data passes
     for line in lines:
@@ -356,12 +385,14 @@ def site_command(args: argparse.Namespace, console) -> None:
     say(f"joining {args.server}; Ctrl-C stops this site (the same command starts it again where it was)")
     node = None
     try:
-        started = time.monotonic()
+        started = time.monotonic()  # of this run of refusals
         while True:
-            node = _supernode(command, log_path, state)
+            node, up = _supernode(command, log_path, state), time.monotonic()
             refused = "Failed to activate SuperNode"  # the SuperLink does not accept this key (yet)
             while node.poll() is None and refused not in log_path.read_text(errors="replace"):
                 time.sleep(0.5)
+            if time.monotonic() - up > 60:  # it had joined: a refusal now (a restarted server) starts a new count
+                started = time.monotonic()
             text = log_path.read_text(errors="replace")
             if refused not in text:
                 raise FeditError(f"site {name}'s SuperNode stopped (exit {node.returncode}): {text.strip()[-600:]}")

@@ -234,6 +234,7 @@ def _local_work(context: Context, path: Path):
 def _evaluate(msg: Message, context: Context) -> Message:
     """Federated evaluation: score the global adapter on this site's validation split; reply with its loss
     sums and counts per category (fedit.protocol.Evaluation) and nothing else."""
+    t0 = time.perf_counter()  # the message's arrival in this process: load_seconds counts from here
     from fedit.protocol import EvalIns
 
     cfg, cid, path = _message_setup(msg, context)
@@ -242,7 +243,7 @@ def _evaluate(msg: Message, context: Context) -> Message:
         by_category, examples = answer["evaluation"]["by_category"], answer["evaluation"]["examples"]
     else:
         e, _ = _local_work(context, path).evaluate(cfg, EvalIns(int(msg.content["config"]["round"]), cid,
-                                                               _array_groups(msg.content)))
+                                                               _array_groups(msg.content)), t0)
         by_category, examples = e.by_category, e.examples
     cats = sorted(by_category)
     return Message(RecordDict({"evaluation": ConfigRecord({
@@ -272,6 +273,7 @@ def reply_to_evaluation(content: RecordDict, cid: int):
 
 @client_app.train(mods=[secagg_if_configured])
 def _train(msg: Message, context: Context) -> Message:
+    t0 = time.perf_counter()  # the message's arrival in this process: load_seconds counts from here
     cfg, cid, path = _message_setup(msg, context)
     secure = is_secure(msg.content)
     if context.node_config.get("secure-aggregation", False) is True and not secure:
@@ -282,7 +284,7 @@ def _train(msg: Message, context: Context) -> Message:
         metrics, num = answer["metrics"], answer["num_examples"]
         groups = {g: ArrayRecord({k: Array(v) for k, v in arrays.items()}) for g, arrays in answer["arrays"].items()}
     else:
-        update, _ = _local_work(context, path).train(cfg, content_to_fitins(msg.content))
+        update, _ = _local_work(context, path).train(cfg, content_to_fitins(msg.content), t0)
         metrics, num = update.metrics, update.num_examples
         groups = {g: adapter_to_record(a) for g, a in update.arrays.items()}
     metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
@@ -498,7 +500,8 @@ class FlowerRuntime:
     def available(self, round_num: int, wanted: int) -> list[int]:
         """The clients whose SuperNode is connected now; waits up to federation.round_timeout for ``wanted`` of
         them, so a round never stalls on a site that is gone, and a site that (re)joined is picked again."""
-        timeout = self.cfg.federation.round_timeout
+        # round_timeout 0 waits without end for the selected sites; for the draw, at most one heartbeat (30 s)
+        timeout = self.cfg.federation.round_timeout or min(self.nodes.node_wait, 30.0)
         deadline = time.monotonic() + timeout
         while True:
             self.nodes.refresh(wait=min(self.nodes.node_wait, 30.0))
@@ -518,7 +521,7 @@ class FlowerRuntime:
 
     def evaluate(self, round_num: int, instructions: list) -> Iterator:
         """Federated evaluation: one ``evaluate`` message per client, answered by the same ClientApp (always in
-        the clear, also under secure aggregation: docs/evaluation.md)."""
+        the clear, also under secure aggregation: docs/federated-evaluation.md)."""
         by_node, missing = self._nodes_of(instructions)
         yield from missing
         if by_node:
@@ -709,9 +712,6 @@ def serve(grid: Grid, rc: dict) -> Path:
     if not prep["sizes"] and not cfg.federation.max_examples and cfg.federation.aggregator == "mean":
         log.warning("no partition manifest and federation.max_examples = 0: a client's claimed example count "
                     "weights its update unchecked; set federation.max_examples or a robust federation.aggregator")
-    if cfg.data.client_validation and cfg.privacy.enabled:
-        log.warning("privacy.enabled: (ε, δ) covers the adapter updates only; each client's validation loss per "
-                    "category reaches the server in the clear (docs/evaluation.md)")
     server.run(cfg, FlowerRuntime(grid, cfg, nodes), run_dir, client_ids=client_ids, client_sizes=prep["sizes"],
                initial_adapter=loaded.initial_adapter, save_adapter=save,
                evaluate=evaluate if prep["test"] is not None else None, resume=bool(resume),
