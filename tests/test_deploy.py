@@ -266,7 +266,9 @@ def test_one_command_per_party_with_a_site_that_dies_and_comes_back(world, tmp_p
 def test_a_site_with_bad_data_never_connects(world, tmp_path):
     root, _, _ = world
     bad = tmp_path / "bad"
-    shutil.copytree(root / "site0", bad)
+    bad.mkdir()
+    for f in ("ca.crt", "site-0.key", "site-0.key.pub"):  # the site's files, not what an earlier run left in its HOME
+        shutil.copyfile(root / "site0" / f, bad / f)
     write_jsonl(bad / "records.jsonl", ['{"instruction": "no answer"}', "not json"])
     p = Party("bad data", [str(BIN / "fedit"), "site", "--data", "records.jsonl", "--server", "127.0.0.1:9",
                            "--root-certificates", "ca.crt", "--auth-key", "site-0.key"], bad)
