@@ -490,32 +490,6 @@ def test_deployment_matches_in_process_simulation(deployment, tmp_path, tiny_mod
         assert c["bytes_down"] == c["bytes_up"] == adapter_bytes * share, c
 
 
-def test_a_server_with_no_data_measures_the_run_on_the_sites_validation_splits(deployment, tmp_path,
-                                                                               tiny_model_dir):
-    """The server holds no partition, no manifest and no test file: only the sites' federated validation
-    measures the run, with the same figures as the in-process simulation on the same files."""
-    d = deployment
-    sections = {"federation": {"rounds": 2, "clients_per_round": 2, "max_examples": 100},
-                "data": {"client_validation": 0.25}, "run": {"keep_best": True}}
-    runner.run(tiny_config(tiny_model_dir, d.parts, tmp_path / "sim", eval={"test": False}, **sections))
-    cfg = tiny_config(tiny_model_dir, d.parts, tmp_path / "flower", **sections).replace(data={"clients_dir": ""})
-    run_id, status, lines = _launch(d, cfg)
-    assert status == "finished:completed", "\n".join(lines)
-    sim, dep = server.RunDir(tmp_path / "sim"), server.RunDir(tmp_path / "flower")
-    s_rows, d_rows = sim.events("round"), dep.events("round")
-    assert [r["clients"] for r in d_rows] == [r["clients"] for r in s_rows] == [[], [1, 2], [0, 2]]
-    assert all("eval" not in r for r in d_rows + s_rows)
-    for a, b in zip(s_rows, d_rows):  # every site scored its own 4 of 16 records, as in-process
-        va, vb = a["validation"], b["validation"]
-        assert vb["clients"] == 3 and vb["examples"] == va["examples"] == 12 and vb["tokens"] == va["tokens"]
-        assert vb["loss"] == pytest.approx(va["loss"], rel=1e-5)
-        assert vb["by_category"] == pytest.approx(va["by_category"], rel=1e-5)
-        assert vb["per_client"].keys() == va["per_client"].keys()
-    assert dep.read_state()["best"]["round"] == sim.read_state()["best"]["round"]
-    assert (tmp_path / "flower/best/adapter_model.safetensors").is_file()
-    assert (tmp_path / "flower/loss.png").is_file()
-
-
 def test_supernode_killed_mid_round_is_dropped_and_the_run_goes_on(deployment, tmp_path, tiny_model_dir):
     d = deployment
     # round 1 trains clients 1 and 2, round 2 clients 0 and 2 (seed 7): client 1 dies during round 1
