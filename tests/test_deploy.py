@@ -301,6 +301,7 @@ def test_a_site_stopped_by_sigterm_takes_its_supernode_with_it(world, tmp_path):
     p = Party("site", [str(BIN / "fedit"), "site", "--data", "records.jsonl", "--server", f"127.0.0.1:{free_ports(1)[0]}",
                        "--root-certificates", "ca.crt", "--auth-key", "site-0.key", "--state", str(tmp_path / "s")],
               root / "site0")
+    node = None
     try:
         p.wait_for("joining 127.0.0.1", 60)
         deadline = time.monotonic() + 60
@@ -318,6 +319,8 @@ def test_a_site_stopped_by_sigterm_takes_its_supernode_with_it(world, tmp_path):
         assert not Path(f"/proc/{node}").exists() or "Z" in _state(node), "the SuperNode outlived its site"
     finally:
         p.stop()
+        if node is not None and Path(f"/proc/{node}").exists():  # (when the test fails: the orphan is ours to end)
+            os.kill(node, signal.SIGKILL)
 
 
 def _cmd(pid: int) -> str:
