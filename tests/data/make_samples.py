@@ -1,6 +1,10 @@
 """How tests/data's samples were drawn (run once by hand; the tests read only the files it wrote).
 
-    python tests/data/make_samples.py ../shared/data
+    python tests/data/make_samples.py DOLLY_JSONL VICUNA_QUESTIONS_JSONL
+
+DOLLY_JSONL: databricks-dolly-15k as JSON lines (the hub's ``databricks/databricks-dolly-15k``);
+VICUNA_QUESTIONS_JSONL: FastChat's ``fastchat/llm_judge/data/vicuna_bench/question.jsonl``. Both are
+given by path: nothing outside the repository is read by default.
 
 - dolly-sample.jsonl: from databricks-dolly-15k (first release), per category in sorted order:
   the category's records in file order, shuffled with random.Random(f"fedit-{category}"), then the
@@ -41,8 +45,9 @@ def vicuna(src: Path) -> list[str]:
 
 
 if __name__ == "__main__":
-    shared = Path(sys.argv[1] if len(sys.argv) > 1 else HERE.parents[2] / "shared" / "data")
-    for name, rows in (("dolly-sample.jsonl", dolly(shared / "dolly" / "dolly-15k.jsonl")),
-                       ("vicuna-questions-sample.jsonl", vicuna(shared / "eval" / "vicuna-80-questions.jsonl"))):
+    if len(sys.argv) != 3:
+        sys.exit("usage: python tests/data/make_samples.py DOLLY_JSONL VICUNA_QUESTIONS_JSONL")
+    dolly_file, vicuna_file = map(Path, sys.argv[1:])
+    for name, rows in (("dolly-sample.jsonl", dolly(dolly_file)), ("vicuna-questions-sample.jsonl", vicuna(vicuna_file))):
         (HERE / name).write_text("".join(r + "\n" for r in rows), encoding="utf-8")
         print(f"{name}: {len(rows)} rows")
