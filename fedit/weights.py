@@ -52,11 +52,8 @@ def _cache_lock():
 
     cache_dir().mkdir(parents=True, exist_ok=True)
     with open(cache_dir() / ".lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+        fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes, however the block ends
+        yield
 
 
 def convert_gguf(gguf: Path) -> Path:
