@@ -171,7 +171,7 @@ def world(tmp_path_factory, tiny_model_dir):
 
 SECTIONS = {"federation": {"rounds": 4, "clients_per_round": 3, "strategy": "scaffold", "round_timeout": 30.0,
                            "max_examples": 100},
-            "data": {"client_validation": 0.25}}
+            "data": {"client_validation": 0.25}, "run": {"keep_best": True}}
 
 
 def test_one_command_per_party_with_a_site_that_dies_and_comes_back(world, tmp_path, tiny_model_dir):
@@ -255,6 +255,11 @@ def test_one_command_per_party_with_a_site_that_dies_and_comes_back(world, tmp_p
         va, vb = sim.events("round")[r]["validation"], dep.events("round")[r]["validation"]
         assert vb["clients"] == 3 and vb["loss"] == pytest.approx(va["loss"], rel=1e-5)
     assert (root / "site1" / "home" / ".fedit" / "sites" / "site-1" / "client_state" / "client_00001").is_dir()
+    # the data-less server kept its best round by the sites' validation alone (its own figures: between the kill
+    # and the return one site's evaluation may be missing, so the simulation's choice may differ)
+    rows = dep.events("round")
+    assert dep.read_state()["best"]["round"] == min(rows, key=lambda r: r["validation"]["loss"])["round"]
+    assert (dep.path / "best" / "adapter_model.safetensors").is_file() and (dep.path / "loss.png").is_file()
     # the model stays loaded: from round 2 on a site pays almost nothing before training
     first = {i: float(re.search(r"model ready in ([0-9.]+) s", s.text()).group(1)) for i, s in sites.items()
              if i != 1}
