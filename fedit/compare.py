@@ -128,7 +128,7 @@ def compare(scale_name: str, strategies: list[str], data: str = DEFAULT_DATA, ou
     say = console.print if console is not None else (lambda *a, **k: None)
     out_dir = Path(out or f"runs/compare-{scale_name}")
     started = time.perf_counter()
-    ds = build_data(load_records(data), scale, cfg.federation.seed, out_dir)
+    ds = build_data(load_records(data), scale, cfg.federation.seed, out_dir, cfg.data.scheme, cfg.data.alpha)
     say(f"data: {ds.sizes['fedit']['examples']} training records over {ds.sizes['fedit']['clients']} clients; "
         f"{scale.test_per_category} held-out records per category in {ds.test_file}")
     loaded = load_base(cfg.model)
@@ -272,7 +272,7 @@ def compare_selected(scale: Scale, strategies: list[str], data: str, out: str | 
         raise FeditError("\n".join(problems))
     out_dir = Path(out or f"runs/compare-{scale.name}-select")
     started = time.perf_counter()
-    ds = build_data(load_records(data), scale, cfg.federation.seed, out_dir)
+    ds = build_data(load_records(data), scale, cfg.federation.seed, out_dir, cfg.data.scheme, cfg.data.alpha)
     central_data = selection.training_union(ds.fedit, amount, cfg.data.seed, out_dir / "data" / "centralized-train")
     say(f"data: {ds.sizes['fedit']['examples']} training records over {ds.sizes['fedit']['clients']} clients, each "
         f"holding back {amount:g} of its records for validation; the test split ({ds.test_file}) is read only "

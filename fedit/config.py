@@ -129,6 +129,10 @@ class FederationConfig:
     strategy: str = _f("fedavg", "Federated algorithm: fedavg, fedprox, fedavgm, fedadam, fedyogi, fedadagrad, "
                           "scaffold; its options go in the [strategy] table (listed below).")
     seed: int = _f(42, "Seed for client selection, data order, dropout and LoRA init.", min=0)
+    selection: str = _f("random", "How each round's clients are drawn: 'random' (distinct clients uniformly, seeded "
+                                  "by seed and round); 'cover' (consecutive blocks of seeded permutations of the "
+                                  "clients: each client once before any client twice; an experiment's control for "
+                                  "clients the random draw never picks).", choices=("random", "cover"))
     min_replies: int = _f(1, "A round needs at least this many valid client updates, else the run stops.", min=1)
     aggregator: str = _f("mean", "How the round's client changes are combined: 'mean' (weighted by examples, the "
                          "paper's; one client can move it arbitrarily far), or robust to a minority of bad clients, "
@@ -379,6 +383,10 @@ def unused_settings(cfg: Config, given: set[str]) -> list[str]:
             out.append(f"{', '.join(keys)} {_verb(keys, 'is', 'are')} set but {section}.{switch} = "
                        f"{_toml(off)}: {what}; {how}, or remove {_verb(keys, 'it', 'them')}")
     p, a = cfg.privacy, cfg.attack
+    if p.enabled and p.sampling == "poisson" and cfg.federation.selection != "random":
+        out.append(f"federation.selection = {_toml(cfg.federation.selection)} does not combine with "
+                   f"privacy.sampling = \"poisson\", which draws each round's clients itself (each joins with "
+                   f"probability q); remove one")
     if p.enabled and not p.adaptive:
         keys = sorted(f"privacy.{k}" for k in ("target_quantile", "clip_learning_rate", "count_noise")
                       if f"privacy.{k}" in given)

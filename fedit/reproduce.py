@@ -127,17 +127,21 @@ class Datasets:
     test_file: Path
 
 
-def build_data(records: LoadResult, scale: Scale, seed: int, out: Path) -> Datasets:
+def build_data(records: LoadResult, scale: Scale, seed: int, out: Path, scheme: str = "dirichlet",
+               alpha: float = ALPHA) -> Datasets:
+    """The federated split (``scheme``: `fedit compare` passes data.scheme, so an IID split is one override
+    away; the held-out test records are drawn first and are the same for every scheme), the paper's local
+    baselines and Centralized's union."""
     recs = records.records
     if scale.records and len(recs) > scale.records:
         keep = sorted(random.Random(seed).sample(range(len(recs)), scale.records))
         recs = [recs[i] for i in keep]
     loaded = LoadResult(records=recs, skipped=records.skipped, source=records.source)
-    sp = partition.split(recs, scale.clients, "dirichlet", alpha=ALPHA, seed=seed,
+    sp = partition.split(recs, scale.clients, scheme, alpha=alpha, seed=seed,
                          test_per_category=scale.test_per_category, min_size=scale.min_client_size)
     data = out / "data"
     data.mkdir(parents=True, exist_ok=True)
-    partition.write(data / "fedit", loaded, sp, scheme="dirichlet", seed=seed, alpha=ALPHA,
+    partition.write(data / "fedit", loaded, sp, scheme=scheme, seed=seed, alpha=alpha,
                     test_per_category=scale.test_per_category)
     train = sorted(i for c in sp.clients for i in c)
     typical = max(1, round(len(train) / scale.clients))

@@ -36,7 +36,7 @@ from fedit.boundary import check_update  # noqa: F401  (re-exported: it lived he
 from fedit.evaluation import federated
 from fedit.protocol import CLIP, GLOBAL, EvalIns, Evaluation, Failure, FitIns, Summed, Update, nbytes
 from fedit.strategies import build as build_strategy
-from fedit.strategies.base import prefixed, unprefixed
+from fedit.strategies.base import cover, prefixed, unprefixed
 
 log = logging.getLogger(__name__)
 PRIVACY = "privacy"  # prefix of the DP mechanism's state among the strategy's saved tensors
@@ -267,8 +267,9 @@ def run(cfg: Config, runtime: Runtime, run_dir: str | Path, *, client_ids: list[
             if hasattr(runtime, "available") and dp is None:  # a deployment: pick among the sites connected now
                 here = set(runtime.available(r, k))
                 pool = [c for c in client_ids if c in here] or client_ids  # none: the round fails and says why
+            draw = cover if fed.selection == "cover" else strategy.select
             selected = dp.select(client_ids) if dp is not None and dp.q is not None else \
-                strategy.select(r, pool, min(k, len(pool)), fed.seed)
+                draw(r, pool, min(k, len(pool)), fed.seed)
             hooks.round_start(r, selected)
             instructions = [strategy.configure(r, cid, global_adapter, client_rounds.get(cid, 0)) for cid in selected]
             if dp is not None and secure:  # the server never sees a single change: each client clips its own

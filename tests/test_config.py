@@ -122,6 +122,12 @@ def test_negative_seed_is_a_config_error():
         config.load(None, ["federation.seed=-1"])
 
 
+def test_cover_selection_with_poisson_sampling_is_an_error():
+    config.load(None, ["federation.selection=cover"])  # alone it is fine
+    with pytest.raises(FeditError, match='selection = "cover" does not combine with privacy.sampling = "poisson"'):
+        config.load(None, ["federation.selection=cover", "privacy.enabled=true", "privacy.sampling=poisson"])
+
+
 # ---------------------------------------------------------------- settings that would do nothing
 
 # A valid value other than the default for every key of the switched-off features (chosen by hand).

@@ -163,6 +163,13 @@ def _serve(cfg, runtime, run_dir, resume=False):
 LOSSES = {0: 3.0, 1: 2.5, 2: 2.7, 3: 2.4, 4: 2.6, 5: 2.65, 6: 2.3}
 
 
+def test_cover_selection_draws_every_client_before_any_twice(tmp_path):
+    cfg = _cfg(tmp_path, federation={"clients_per_round": 1, "selection": "cover"})
+    _serve(cfg, Scripted(LOSSES), tmp_path / "run")
+    drawn = [r["clients"] for r in server.RunDir(tmp_path / "run").events("round")][1:]
+    assert sorted(c for d in drawn[:3] for c in d) == [0, 1, 2] and sorted(c for d in drawn[3:] for c in d) == [0, 1, 2]
+
+
 def test_keep_best_keeps_the_round_of_the_lowest_validation_loss(tmp_path):
     cfg = _cfg(tmp_path, run={"keep_best": True})
     _serve(cfg, Scripted(LOSSES), tmp_path / "run")

@@ -38,6 +38,20 @@ def test_baseline_datasets(tmp_path, records_file):
     assert central == train
 
 
+def test_an_iid_split_keeps_the_test_records_and_deals_the_rest_evenly(tmp_path):
+    rows = [{"instruction": f"q{i} {c}", "response": f"a{i}", "category": c}
+            for c in ("brainstorming", "closed_qa", "classification", "open_qa") for i in range(40)]
+    data = load_records(write_jsonl(tmp_path / "r.jsonl", rows))
+    scale = reproduce.Scale("t", "test", records=0, test_per_category=2, clients=8, min_client_size=2)
+    dirichlet = reproduce.build_data(data, scale, seed=0, out=tmp_path / "d")
+    iid = reproduce.build_data(data, scale, seed=0, out=tmp_path / "i", scheme="iid")
+    assert iid.test_file.read_text() == dirichlet.test_file.read_text()  # drawn before the clients
+    # 160 records - 8 held out = 152 over 8 clients: 19 each; the Dirichlet split is uneven
+    assert iid.sizes["fedit"]["client_sizes"] == [19] * 8 != dirichlet.sizes["fedit"]["client_sizes"]
+    manifest = json.loads((tmp_path / "i/data/fedit/manifest.json").read_text())
+    assert manifest["scheme"] == "iid"
+
+
 def test_locals_are_disjoint_when_the_category_has_enough(tmp_path):
     rows = [{"instruction": f"q{i} {c}", "response": f"a{i}", "category": c}
             for c in ("brainstorming", "closed_qa", "classification", "open_qa") for i in range(40)]

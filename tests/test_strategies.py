@@ -12,6 +12,7 @@ import math
 from types import SimpleNamespace
 
 import pytest
+import numpy as np
 import torch
 
 from fedit.errors import FeditError
@@ -106,6 +107,29 @@ def test_selection_is_seeded_by_round_and_distinct():
     a = s.select(3, ids, 5, seed=1)
     assert a == s.select(3, ids, 5, seed=1) and a != s.select(4, ids, 5, seed=1)
     assert len(set(a)) == 5 and set(a) <= set(ids)
+
+
+def test_cover_draws_each_client_once_per_pass_in_permutation_blocks():
+    from fedit.strategies.base import cover
+
+    ids = list(range(20))
+    # worked out from the definition: round r takes positions 4(r-1)..4r-1 of perm_0 + perm_1 + ..., perm_p the
+    # permutation numpy draws from (seed, 0xC0FE, p)
+    perm0 = np.random.default_rng([7, 0xC0FE, 0]).permutation(20).tolist()
+    perm1 = np.random.default_rng([7, 0xC0FE, 1]).permutation(20).tolist()
+    assert cover(2, ids, 4, 7) == sorted(perm0[4:8])
+    assert cover(6, ids, 4, 7) == sorted(perm1[0:4])
+    first = [c for r in range(1, 6) for c in cover(r, ids, 4, 7)]
+    second = [c for r in range(6, 11) for c in cover(r, ids, 4, 7)]
+    assert sorted(first) == ids and sorted(second) == ids  # every client once per pass, none twice
+    assert [cover(r, ids, 4, 7) for r in range(1, 6)] != [FedAvg().select(r, ids, 4, 7) for r in range(1, 6)]
+    # 5 clients, 2 per round: round 3 spans perm_0's last client and perm_1's first; if they are the same
+    # client it takes perm_1's second instead
+    p0 = np.random.default_rng([1, 0xC0FE, 0]).permutation(5).tolist()
+    p1 = np.random.default_rng([1, 0xC0FE, 1]).permutation(5).tolist()
+    want = [p0[4], p1[0]] if p0[4] != p1[0] else [p0[4], p1[1]]
+    assert cover(3, list(range(5)), 2, 1) == sorted(want)
+    assert all(len(set(cover(r, list(range(5)), 2, s))) == 2 for r in range(1, 30) for s in range(5))
 
 
 # ---------------------------------------------------------------- fedavgm

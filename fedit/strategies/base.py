@@ -37,6 +37,34 @@ from fedit.aggregators import Aggregator, clip_norm
 from fedit.protocol import ADAPTER, GLOBAL, STATE_ROUND, Arrays, ClientAlgorithm, FitIns, Summed, Update
 
 
+COVER_STREAM = 0xC0FE  # keeps the covering permutations apart from every other draw seeded by federation.seed
+
+
+def cover(round_num: int, client_ids: list[int], k: int, seed: int) -> list[int]:
+    """``federation.selection = "cover"``: round r takes the next ``k`` clients of the sequence
+    perm_0 + perm_1 + ..., each perm_p a permutation of the clients seeded by (seed, p), so every client
+    is drawn once before any is drawn twice (with 20 clients and 4 per round, rounds 1-5 draw each client
+    exactly once). A block that spans two permutations and would hold a client twice takes the next
+    distinct client instead. Seeded by (seed, round) alone, as ``Strategy.select``, so resume picks alike."""
+    ids = sorted(client_ids)
+    n, k = len(ids), min(k, len(ids))
+    perms: dict[int, list[int]] = {}
+
+    def at(i: int) -> int:
+        p = i // n
+        if p not in perms:
+            perms[p] = [ids[j] for j in np.random.default_rng([seed, COVER_STREAM, p]).permutation(n)]
+        return perms[p][i % n]
+
+    picked: list[int] = []
+    i = (round_num - 1) * k
+    while len(picked) < k:
+        if at(i) not in picked:
+            picked.append(at(i))
+        i += 1
+    return sorted(picked)
+
+
 @dataclasses.dataclass(frozen=True)
 class NoOptions:
     pass
