@@ -9,18 +9,31 @@ The same split, init, client selection and local budget for every run; only priv
 - canaries: 5 random PINs, --canary-repeats copies each, in the data of the client the seed selects most
   often, each ranked after training among 200 never-inserted PINs (exposure in bits, 7.65 the
   maximum, about 1.44 when not memorised);
-- DP: each --noise z (0: no DP) with privacy.clipping_norm = --clip, δ = --delta.
+- runs (--runs, comma-separated names):
+  ``no-dp``: no clipping, no noise;
+  ``clip-C<c>``: each client's change clipped to norm c (federation.max_update_norm), no noise, no privacy: the
+  control that separates what clipping costs from what noise costs (the mean is weighted by examples, where
+  DP's is unweighted over the expected clients);
+  ``z<z>-C<c>``: client-level DP, noise multiplier z, clipping norm c, δ = --delta, the round's clients drawn
+  with the public seed (no amplification claimed); ``z<z>-C<c>-poisson``: each client joins each round with
+  probability q = per-round / clients, and the accountant counts the sampled Gaussian mechanism.
+  ``C<c>`` may be ``Cmed``: the median client update norm of this --out's ``no-dp`` run (run it first).
+  --noise (the older form) adds ``z<z>-C<--clip>`` for each z > 0 and ``no-dp`` for 0.
 
 Writes privacy.md (a table: ε, held-out loss per round, exposure) and privacy.png (held-out loss
 per round, one line per run) into --out; finished runs are reused on a rerun.
 
     python scripts/privacy_experiment.py --data dolly-15k.jsonl --out runs/privacy
+    python scripts/privacy_experiment.py --data dolly-15k.jsonl --out runs/privacy --canary-repeats 50 \
+        --runs no-dp,clip-C0.1,z1-C0.1,z1-C0.1-poisson,clip-Cmed,z1-Cmed
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
+import statistics
 from collections import Counter
 from pathlib import Path
 
@@ -43,54 +56,76 @@ def main() -> None:
     p.add_argument("--test-per-category", type=int, default=20)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--per-round", type=int, default=20)
-    p.add_argument("--noise", default="0,0.5,1.0", help="noise multipliers, 0 for no DP")
+    p.add_argument("--noise", default="", help="noise multipliers, 0 for no DP (the older form of --runs)")
+    p.add_argument("--runs", default="", help="run names (see above); default no-dp,z0.5-C<clip>,z1-C<clip>")
     p.add_argument("--clip", type=float, default=0.1)
     p.add_argument("--delta", type=float, default=1e-4)
     p.add_argument("--canary-repeats", type=int, default=10, help="copies of each of the 5 secrets")
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--min-size", type=int, default=5, help="records every client holds at least")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config override for every run (repeatable), e.g. lora.r=1")
+    p.add_argument("--data-only", action="store_true", help="write the split and stop (before parallel runs)")
     a = p.parse_args()
     quiet_libraries()
     out = Path(a.out)
     parts = out / "data"
     if not (parts / "manifest.json").is_file():
-        partition.make(a.data, parts, clients=a.clients, alpha=0.5, min_size=5, test_per_category=a.test_per_category,
-                       seed=a.seed, sample=a.records)
+        partition.make(a.data, parts, clients=a.clients, alpha=0.5, min_size=a.min_size,
+                       test_per_category=a.test_per_category, seed=a.seed, sample=a.records)
+    if a.data_only:
+        return
     ids = [c["id"] for c in partition.read_manifest(parts)["clients"]]
     picks = Counter(c for r in range(1, a.rounds + 1) for c in FedAvg().select(r, ids, a.per_round, a.seed))
     canary_client = min(ids, key=lambda c: (-picks[c], c))
+    names = [n for n in a.runs.split(",") if n] or \
+        [("no-dp" if float(z) == 0 else f"z{float(z):g}-C{a.clip:g}") for z in (a.noise or "0,0.5,1").split(",")]
+    suffix = f"-x{a.canary_repeats}" if a.canary_repeats != 10 else ""
     rows = []
-    for z in [float(x) for x in a.noise.split(",")]:
-        name = ("no-dp" if z == 0 else f"z{z:g}") + (f"-x{a.canary_repeats}" if a.canary_repeats != 10 else "")
-        run_dir = out / "runs" / name
-        cfg = config_mod.from_dict({
+    for name in names:
+        m = re.fullmatch(r"no-dp|(clip|z([0-9.]+))-C([0-9.]+|med)(-poisson)?", name)
+        if not m or (m.group(1) == "clip" and m.group(4)):
+            p.error(f"--runs: {name!r} is not no-dp, clip-C<c>, z<z>-C<c> or z<z>-C<c>-poisson")
+        z = float(m.group(2) or 0)
+        clip = (median_norm(out / "runs" / f"no-dp{suffix}") if m.group(3) == "med" else float(m.group(3))) \
+            if m.group(3) else 0.0
+        dp = z > 0
+        run_dir = out / "runs" / (name + suffix)
+        cfg = config_mod.load(None, a.set, base_name="the privacy experiment", base={
             "data": {"clients_dir": str(parts)},
             "train": {"lr": 5e-4, "batch_size": 16, "micro_batch_size": 8, "cutoff_len": 256},
-            "federation": {"rounds": a.rounds, "clients_per_round": a.per_round, "seed": a.seed},
+            "federation": {"rounds": a.rounds, "clients_per_round": a.per_round, "seed": a.seed,
+                           **({"max_update_norm": clip} if m.group(1) == "clip" else {})},
             "eval": {"batch_size": 8, "cutoff_len": 512},
-            "privacy": {"enabled": z > 0, "noise_multiplier": z or 1.0, "clipping_norm": a.clip, "delta": a.delta},
+            "privacy": {"enabled": True, "noise_multiplier": z, "clipping_norm": clip, "delta": a.delta,
+                        "sampling": "poisson" if m.group(4) else "fixed"} if dp else {},
             "canary": {"client": canary_client, "count": 5, "repeats": a.canary_repeats, "references": 200},
             "run": {"out": str(run_dir), "progress": False}})
-        train_or_reuse(name, cfg, run_dir, out, None, Console(), f"z = {z:g}")
+        train_or_reuse(name, cfg, run_dir, out, None, Console(), name)
         rd = server.RunDir(run_dir)
         evals = [row["eval"]["loss"] for row in rd.events("round") if "eval" in row]
         eps = [row["privacy"]["epsilon"] for row in rd.events("round") if "privacy" in row]
         canary = json.loads((run_dir / "canary.json").read_text())
-        rows.append({"name": name, "z": z, "epsilon": eps[-1] if eps else None, "loss": evals,
+        rows.append({"name": name + suffix, "z": z, "clip": clip, "sampling": "poisson" if m.group(4) else "fixed",
+                     "epsilon": eps[-1] if eps else None, "loss": evals,
                      "exposure": canary["mean_exposure"], "ranks": [c["rank"] for c in canary["canaries"]]})
         print(f"{name}: held-out loss {' -> '.join(f'{x:.4f}' for x in evals)}; mean exposure "
               f"{canary['mean_exposure']:.2f} bits", flush=True)
+    (out / "privacy.json").write_text(json.dumps({"seed": a.seed, "canary_client": canary_client, "rows": rows},
+                                                 indent=1))
     from fedit.adapter import load_adapter_file
 
     values = sum(v.numel() for v in load_adapter_file(server.RunDir(out / "runs" / rows[0]["name"]).round_dir(0)).values())
     lines = [f"Dolly, {a.records} records, {len(ids)} clients (Dirichlet 0.5), {a.rounds} rounds x {a.per_round} "
              f"clients, SmolLM2-135M-Instruct + LoRA r=8 ({values:,} trainable values, d); "
-             f"DP: C = {a.clip}, δ = {a.delta:g}, fixed sampling; canaries in client {canary_client} "
+             f"δ = {a.delta:g}; canaries in client {canary_client} "
              f"(selected in {picks[canary_client]} of {a.rounds} rounds).", "",
-             "| run | z | ε | held-out loss, rounds 0..R | canary exposure (bits, mean of 5) | canary ranks of 201 |",
-             "|---|---|---|---|---|---|"]
+             "| run | z | C | sampling | ε | held-out loss, rounds 0..R | canary exposure (bits, mean of 5) | "
+             "canary ranks of 201 |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         eps = "∞" if r["epsilon"] is None else f"{r['epsilon']:.2f}"
-        lines.append(f"| {r['name']} | {r['z']:g} | {eps} | "
+        lines.append(f"| {r['name']} | {r['z']:g} | {r['clip']:.4g} | {r['sampling']} | {eps} | "
                      f"{' → '.join(f'{x:.4f}' for x in r['loss'])} | {r['exposure']:.2f} | "
                      f"{', '.join(map(str, r['ranks']))} |")
     (out / "privacy.md").write_text("\n".join(lines) + "\n")
@@ -101,7 +136,7 @@ def main() -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in rows:
-        label = "no DP" if r["epsilon"] is None else f"z = {r['z']:g} (ε = {r['epsilon']:.1f})"
+        label = r["name"] + ("" if r["epsilon"] is None else f" (ε = {r['epsilon']:.1f})")
         ax.plot(range(len(r["loss"])), r["loss"], marker="o", label=label)
     ax.set_xlabel("round")
     ax.set_ylabel("held-out loss")
@@ -110,6 +145,14 @@ def main() -> None:
     fig.tight_layout()
     fig.savefig(out / "privacy.png", dpi=120)
     print(f"wrote {out / 'privacy.md'} and {out / 'privacy.png'}")
+
+
+def median_norm(run_dir: Path) -> float:
+    """The median L2 norm of the client changes of a run without clipping (each client line's update_norm)."""
+    norms = [c["update_norm"] for c in server.RunDir(run_dir).events("client") if "update_norm" in c]
+    if not norms:
+        raise SystemExit(f"{run_dir}: no client update norms; run no-dp first (C = Cmed is read from it)")
+    return round(statistics.median(norms), 4)
 
 
 if __name__ == "__main__":

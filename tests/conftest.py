@@ -42,13 +42,17 @@ def write_jsonl(path: Path, rows: list) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+def build_tiny_model(d: Path) -> Path:
     """A 2-layer, hidden-64 Llama with random weights and a byte-level BPE tokenizer trained on
-    the test records: everything from_pretrained needs, made offline in about a second."""
+    the test records: everything from_pretrained needs, made offline in about a second (also the
+    model of scripts/experiments.py --smoke)."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    d = tmp_path_factory.mktemp("tiny-llama")
     texts = [" ".join(r.values()) for r in make_records()]
     tk = Tokenizer(models.BPE(unk_token=None))
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
