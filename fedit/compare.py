@@ -1,6 +1,7 @@
 """`fedit compare`: federated algorithms side by side on the same split, against Centralized and the base model.
 
-Every listed strategy trains on the same Dirichlet split, from the same seeded LoRA init, with
+Every listed strategy trains on the same split (Dirichlet over categories; data.scheme = "iid" and the
+other schemes of `fedit partition` take the same held-out records), from the same seeded LoRA init, with
 the same client selection (seeded by (seed, round) alone) and the same local budget; only the
 algorithm and its options differ. Centralized (one epoch on all the training records) and the
 untuned base model are the reference lines. The held-out set is large enough to resolve the

@@ -1,10 +1,10 @@
-"""The experiments of docs/results-seeds.md as parallel jobs on one machine, with a deadline.
+"""Issue-sized experiments at several seeds as parallel jobs on one machine, with a deadline.
 
     python scripts/experiments.py --data dolly-15k.jsonl --out runs/experiments --seeds 42,43,44 --deadline 3600
-    python scripts/experiments.py --data dolly-15k.jsonl --out /tmp/x --seeds 42 --smoke   # minutes, tiny model
+    python scripts/experiments.py --data dolly-15k.jsonl --out /tmp/x --seeds 42 --smoke model.name=TINY  # minutes
 
 Each experiment is one command per seed (`fedit compare ...` or scripts/privacy_experiment.py), so the
-seeds run side by side; a GPU runs many such processes at once (each holds its own model). Jobs still
+seeds run side by side, --jobs at a time (each holds its own model). Jobs still
 running at --deadline are stopped (a rerun with the same --out resumes them: compare and the privacy script
 reuse finished runs and resume cut ones); then each experiment is summarised over the seeds that finished
 (`fedit compare --seeds`, which reuses every run and scores only what it has not scored). What ran, how long
@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -126,6 +127,9 @@ def main() -> None:
     p.add_argument("--only", default="", help=f"comma-separated, of {', '.join(EXPERIMENTS)}")
     p.add_argument("--deadline", type=float, default=0, help="seconds after which running jobs are stopped")
     p.add_argument("--summary-deadline", type=float, default=300, help="seconds the summaries may take")
+    p.add_argument("--jobs", type=int, default=4,
+                   help="jobs at once (default 4). Each holds its own model; on one GPU without MPS, 28 at once "
+                        "time-sliced it so finely that none finished (docs/performance.md, 'Many runs on one GPU')")
     p.add_argument("--smoke", action="store_true", help="the smoke scale, small privacy runs (a check of the jobs)")
     p.add_argument("extra", nargs="*", help="config overrides for every run, e.g. model.name=DIR")
     a = p.parse_args()
@@ -139,17 +143,20 @@ def main() -> None:
     first, todo = jobs(a, seeds, out)
     for cmd in first:
         subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
-    record = {}
-    running = {}
-    for name, cmds in todo.items():  # a job's commands run in sequence in one shell; the jobs run at once
-        log = open(out / "logs" / f"{name}.log", "w")
-        script = " && ".join(subprocess.list2cmdline(c) for c in cmds)
-        running[name] = (subprocess.Popen(["bash", "-c", script], env=env, stdout=log, stderr=subprocess.STDOUT,
-                                          start_new_session=True), time.time())
-    print(f"{len(running)} jobs started", flush=True)
-    while running:
-        time.sleep(2)
+    record, running, waiting = {}, {}, list(todo.items())
+    while running or waiting:
         over = a.deadline and time.time() - started > a.deadline
+        while waiting and len(running) < a.jobs and not over:  # a job's commands run in sequence in one shell
+            name, cmds = waiting.pop(0)
+            log = open(out / "logs" / f"{name}.log", "w")
+            script = " && ".join(shlex.join(c) for c in cmds)
+            running[name] = (subprocess.Popen(["bash", "-c", script], env=env, stdout=log, stderr=subprocess.STDOUT,
+                                              start_new_session=True), time.time())
+            print(f"{name}: started", flush=True)
+        if over:
+            for name, _ in waiting:
+                record[name] = {"ended": "not started before the deadline"}
+            waiting = []
         for name, (proc, t0) in list(running.items()):
             if proc.poll() is None and not over:
                 continue
@@ -166,6 +173,7 @@ def main() -> None:
             record[name] = {"ended": ended, "seconds": round(time.time() - t0, 1)}
             print(f"{name}: {ended} after {record[name]['seconds']:.0f} s", flush=True)
             del running[name]
+        time.sleep(2)
     summarise(a, seeds, out, record, env)
     record["_total_seconds"] = round(time.time() - started, 1)
     (out / "jobs.json").write_text(json.dumps(record, indent=1))

@@ -1,0 +1,66 @@
+"""scripts/experiments.py: every command it would start parses as fedit's CLI and the privacy script parse it,
+and --jobs bounds how many run at once (commands are replaced by sleeps; nothing trains)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from fedit import config
+from fedit.cli import build_parser
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("smoke", [False, True])
+def test_every_command_parses_and_its_overrides_are_valid_config(tmp_path, smoke):
+    ex = _load("experiments")
+    a = argparse.Namespace(data="d.jsonl", smoke=smoke, extra=["model.dtype=fp32"], only="")
+    first, todo = ex.jobs(a, [42, 43], tmp_path)
+    assert {k.rsplit("-", 1)[0] for k in todo if k != "scaled"} >= {"strategies-a", "strategies-b", "gap", "iid",
+                                                                    "ranks"}
+    assert len([k for k in todo if k.startswith("privacy-")]) == 2 * len(ex.PRIVACY_RUNS) and "scaled" in todo
+    fedit_cmds = [c for cmds in todo.values() for c in cmds if c[1:3] == ["-m", "fedit.cli"]]
+    assert len(fedit_cmds) == 2 * 5
+    for cmd in fedit_cmds:
+        args = build_parser().parse_args(cmd[3:])  # overrides after options: argparse takes them all
+        assert args.seeds == "42" or args.seeds == "43"
+        config.load(None, args.overrides)  # the overrides shared by all entries are valid keys and values
+    gap = next(c for c in fedit_cmds if "gap" in c[c.index("--out") + 1])
+    assert "train.max_steps=17" in gap and "short:federation.rounds=28" in gap
+    # the privacy runs' names are what privacy_experiment.py accepts, and each job's data is written first
+    names = [c[c.index("--runs") + 1] for k, cmds in todo.items() if k.startswith("privacy-") for c in cmds]
+    assert sorted(names) == sorted(2 * [n for runs in ex.PRIVACY_RUNS for n in runs])
+    assert sum("--data-only" in c for c in first) == 3  # two seeds and the scaled run
+    alpha = (tmp_path / "ranks-alpha.toml").read_text()
+    assert alpha.count("[") == (4 if smoke else 20) and "[1]\nr = 4\nalpha = 4\n" in alpha
+
+
+def test_jobs_bounds_the_runs_at_once(tmp_path, monkeypatch):
+    ex = _load("experiments")
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    # each job notes how many are running when it starts, then sleeps
+    probe = f"n=$(ls {marks} | wc -l); touch {marks}/$$; echo $n >> {tmp_path}/seen; sleep 1; rm {marks}/$$"
+    monkeypatch.setattr(ex, "jobs", lambda a, seeds, out: ([], {f"j{i}-{s}": [["bash", "-c", probe]]
+                                                             for i in range(6) for s in seeds}))
+    monkeypatch.setattr(ex, "summarise", lambda *args: None)
+    monkeypatch.setattr(sys, "argv", ["experiments.py", "--data", "d", "--out", str(tmp_path / "o"), "--seeds", "1",
+                                      "--jobs", "2"])
+    ex.main()
+    seen = [int(x) for x in (tmp_path / "seen").read_text().split()]
+    assert len(seen) == 6 and max(seen) <= 1  # at most one other job ran when any started
+    record = json.loads((tmp_path / "o" / "jobs.json").read_text())
+    assert all(record[f"j{i}-1"]["ended"] == "finished" for i in range(6))
