@@ -414,7 +414,7 @@ def markdown_selected(res: dict) -> str:
         f"validation; every candidate trained with no test data at the server, and each strategy's option was "
         f"chosen by the clients' federated validation loss after the last round (selection.json) before the "
         f"{res['test_records']} test records ({res['test_per_category']} per category) were read. Centralized "
-        f"trained one epoch on the clients' training splits. Total {res['seconds'] / 60:.1f} min.", "",
+        f"trained {central_label(res)} on the clients' training splits. Total {res['seconds'] / 60:.1f} min.", "",
         report.table(head, rows), "",
         *category_table(res),
         "Every candidate (the test column was computed after the choice and chose nothing):", "",
@@ -439,6 +439,12 @@ def category_table(res: dict) -> list[str]:
                          [[label, *[cell(v.get(c)) for c in cats]] for label, v in rows]), ""]
 
 
+def central_label(res: dict) -> str:
+    """How long Centralized trained: one epoch, cut at train.max_steps where that override capped it."""
+    n = res["config"]["train"]["max_steps"]
+    return f"1 epoch, at most {n} steps" if n else "1 epoch"
+
+
 def plot_selected(res: dict, path: Path) -> None:
     import matplotlib
 
@@ -454,7 +460,8 @@ def plot_selected(res: dict, path: Path) -> None:
             xs, ys = zip(*r[key])
             ax.plot(xs, ys, marker="o", ms=3, lw=1.8, color=cmap(i % 10), label=name)
         if key == "curve":
-            ax.axhline(res["centralized"]["loss"], color="black", ls="--", lw=1.2, label="centralized (1 epoch)")
+            ax.axhline(res["centralized"]["loss"], color="black", ls="--", lw=1.2,
+                       label=f"centralized ({central_label(res)})")
             ax.axhline(res["base"]["loss"], color="grey", ls=":", lw=1.2, label="base model")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("round (0 = base model)")
@@ -613,7 +620,7 @@ def plot(res: dict, path: Path) -> None:
     for i, (name, r) in enumerate(res["strategies"].items()):
         xs, ys = zip(*r["curve"])
         ax.plot(xs, ys, marker="o", ms=3, lw=1.8, color=cmap(i % 10), label=name)
-    ax.axhline(res["centralized"]["loss"], color="black", ls="--", lw=1.2, label="centralized (1 epoch)")
+    ax.axhline(res["centralized"]["loss"], color="black", ls="--", lw=1.2, label=f"centralized ({central_label(res)})")
     ax.axhline(res["base"]["loss"], color="grey", ls=":", lw=1.2, label="base model")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round (0 = base model)")

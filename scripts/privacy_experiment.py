@@ -117,7 +117,8 @@ def main() -> None:
 
     values = sum(v.numel() for v in load_adapter_file(server.RunDir(out / "runs" / rows[0]["name"]).round_dir(0)).values())
     lines = [f"Dolly, {a.records} records, {len(ids)} clients (Dirichlet 0.5), {a.rounds} rounds x {a.per_round} "
-             f"clients, SmolLM2-135M-Instruct + LoRA r=8 ({values:,} trainable values, d); "
+             f"clients, {cfg.model.name} + LoRA r={cfg.lora.r} on {', '.join(cfg.lora.target_modules)}"
+             f"{' with A frozen' if cfg.lora.freeze_a else ''} ({values:,} adapter values, d); "
              f"δ = {a.delta:g}; canaries in client {canary_client} "
              f"(selected in {picks[canary_client]} of {a.rounds} rounds).", "",
              "| run | z | C | sampling | ε | held-out loss, rounds 0..R | canary exposure (bits, mean of 5) | "

@@ -135,6 +135,13 @@ def test_grids_multiply_into_candidates_and_bad_grids_say_why():
         selection.parse_grids(["fedprox:strategy.proximal_mu=1,2", "fedprox:strategy.proximal_mu=3"], ["fedprox"])
 
 
+def test_centralized_is_labelled_by_the_steps_it_took():
+    from fedit.compare import central_label
+
+    assert central_label({"config": {"train": {"max_steps": 0}}}) == "1 epoch"
+    assert central_label({"config": {"train": {"max_steps": 17}}}) == "1 epoch, at most 17 steps"
+
+
 def test_kendall_tau_by_hand():
     from fedit import selection
 
