@@ -620,7 +620,8 @@ def plot(res: dict, path: Path) -> None:
     for i, (name, r) in enumerate(res["strategies"].items()):
         xs, ys = zip(*r["curve"])
         ax.plot(xs, ys, marker="o", ms=3, lw=1.8, color=cmap(i % 10), label=name)
-    ax.axhline(res["centralized"]["loss"], color="black", ls="--", lw=1.2, label=f"centralized ({central_label(res)})")
+    ax.axhline(res["centralized"]["loss"], color="black", ls="--", lw=1.2,
+               label=f"centralized ({central_label(res)})")
     ax.axhline(res["base"]["loss"], color="grey", ls=":", lw=1.2, label="base model")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round (0 = base model)")

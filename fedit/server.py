@@ -253,6 +253,7 @@ def run(cfg: Config, runtime: Runtime, run_dir: str | Path, *, client_ids: list[
                           keep_best=improved is not None and cfg.run.keep_best)
             hooks.round_end(row)
             report.round(row, [])
+        draw = cover if fed.selection == "cover" else strategy.select
         for r in range(start, fed.rounds + 1):
             over = dp.over_budget(r) if dp is not None else None
             if not over and patience and best and best["since"] >= patience:
@@ -267,7 +268,6 @@ def run(cfg: Config, runtime: Runtime, run_dir: str | Path, *, client_ids: list[
             if hasattr(runtime, "available") and dp is None:  # a deployment: pick among the sites connected now
                 here = set(runtime.available(r, k))
                 pool = [c for c in client_ids if c in here] or client_ids  # none: the round fails and says why
-            draw = cover if fed.selection == "cover" else strategy.select
             selected = dp.select(client_ids) if dp is not None and dp.q is not None else \
                 draw(r, pool, min(k, len(pool)), fed.seed)
             hooks.round_start(r, selected)

@@ -66,20 +66,24 @@ PRIVACY_RUNS = [["no-dp", "clip-Cmed", "z1-Cmed"], ["clip-C0.1"], ["z1-C0.1"], [
 SCALED = ["--min-size", "2", "--delta", "1e-5", "--set", "lora.r=1", "--set", 'lora.target_modules=["q_proj","v_proj"]',
           "--set", "lora.freeze_a=true"]
 SCALED_Z = 0.834  # privacy.calibrate(5, q=0.1, rounds=10, delta=1e-5): the smallest z with ε <= 5 (to 0.1%)
+SCALED_RUNS = ["no-dp", f"z{SCALED_Z}-Cmed-poisson"]  # in this order: Cmed is read from the no-DP run
+RANKS_FILE = "ranks-alpha.toml"
 
 
 def compares(a, out: Path) -> dict[str, tuple[list[str], list[str]]]:
     """{experiment: (its `fedit compare` options, its config overrides)} (argparse wants the overrides last)."""
-    clients = 4 if a.smoke else 20
-    ranks_file = out / "ranks-alpha.toml"  # alpha_k = lora.alpha * r_k / R = r_k with lora.alpha = R = 16
-    ranks_file.parent.mkdir(parents=True, exist_ok=True)
-    ranks_file.write_text("".join(f"[{i}]\nr = {[2, 4, 8, 16][i % 4]}\nalpha = {[2, 4, 8, 16][i % 4]}\n\n"
-                                  for i in range(clients)))
     select = ["data.client_validation=0.1"]
     return {**{name: (["--select", *grids], select) for name, grids in STRATEGY_GRIDS.items()},
             "gap": (["--select", *GAP[0]], [*select, *GAP[1]]),
             "iid": (["--select", "--strategies", "fedavg"], [*select, "data.scheme=iid"]),
-            "ranks": ([*RANKS, "--set", f"mixed-alpha:lora.clients_file={ranks_file}"], [])}
+            "ranks": ([*RANKS, "--set", f"mixed-alpha:lora.clients_file={out / RANKS_FILE}"], [])}
+
+
+def write_ranks_file(a, out: Path) -> None:
+    """The mixed-alpha clients' ranks and alphas: alpha_k = lora.alpha * r_k / R = r_k (lora.alpha = R = 16)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / RANKS_FILE).write_text("".join(f"[{i}]\nr = {[2, 4, 8, 16][i % 4]}\nalpha = {[2, 4, 8, 16][i % 4]}\n\n"
+                                          for i in range(4 if a.smoke else 20)))
 
 
 def compare_command(a, out: Path, name: str, seeds: list[int], spec: tuple[list[str], list[str]]) -> list[str]:
@@ -87,18 +91,18 @@ def compare_command(a, out: Path, name: str, seeds: list[int], spec: tuple[list[
             *spec[0], "--out", str(out / name), "--data", a.data, *spec[1], "run.progress=false", *a.extra]
 
 
-def privacy_command(a, seed: int, out: Path) -> list[str]:
-    small = ["--records", "200", "--clients", "10", "--per-round", "4", "--rounds", "2", "--test-per-category", "5"]
-    return [*PRIVACY, "--data", a.data, "--out", str(out / "privacy" / f"seed-{seed}"), "--seed", str(seed),
-            "--canary-repeats", "10" if a.smoke else "50", *(small if a.smoke else []),
-            *[x for e in a.extra for x in ("--set", e)]]
-
-
-def scaled_command(a, seed: int, out: Path) -> list[str]:
-    size = ["--clients", "50", "--per-round", "5", "--rounds", "2", "--records", "400", "--test-per-category",
-            "5"] if a.smoke else ["--clients", "1000", "--per-round", "100", "--rounds", "10", "--records", "0"]
-    return [*PRIVACY, "--data", a.data, "--out", str(out / "scaled"), "--seed", str(seed),
-            "--canary-repeats", "10" if a.smoke else "50", *size, *SCALED, *[x for e in a.extra for x in ("--set", e)]]
+def privacy_command(a, seed: int, out: Path, scaled: bool = False) -> list[str]:
+    """scripts/privacy_experiment.py for one seed: its defaults (or the scaled configuration), smaller in --smoke."""
+    if scaled:
+        size = ["--clients", "50", "--per-round", "5", "--rounds", "2", "--records", "400", "--test-per-category",
+                "5"] if a.smoke else ["--clients", "1000", "--per-round", "100", "--rounds", "10", "--records", "0"]
+        size += SCALED
+    else:
+        size = ["--records", "200", "--clients", "10", "--per-round", "4", "--rounds", "2", "--test-per-category",
+                "5"] if a.smoke else []
+    where = out / "scaled" if scaled else out / "privacy" / f"seed-{seed}"
+    return [*PRIVACY, "--data", a.data, "--out", str(where), "--seed", str(seed),
+            "--canary-repeats", "10" if a.smoke else "50", *size, *[x for e in a.extra for x in ("--set", e)]]
 
 
 def jobs(a, seeds: list[int], out: Path) -> tuple[list[list[str]], dict[str, list[list[str]]]]:
@@ -112,10 +116,10 @@ def jobs(a, seeds: list[int], out: Path) -> tuple[list[list[str]], dict[str, lis
             first.append([*privacy_command(a, s, out), "--data-only"])
         for i, runs in enumerate(PRIVACY_RUNS):
             todo[f"privacy-{s}-{i}"] = [[*privacy_command(a, s, out), "--runs", r] for r in runs]
-    if "scaled" in keep:  # the scaled configuration at the first seed only
-        first.append([*scaled_command(a, seeds[0], out), "--data-only"])
-    scaled = scaled_command(a, seeds[0], out)
-    todo["scaled"] = [[*scaled, "--runs", "no-dp"], [*scaled, "--runs", f"z{SCALED_Z}-Cmed-poisson"]]
+    scaled = privacy_command(a, seeds[0], out, scaled=True)  # the scaled configuration at the first seed only
+    if "scaled" in keep:
+        first.append([*scaled, "--data-only"])
+    todo["scaled"] = [[*scaled, "--runs", r] for r in SCALED_RUNS]
     return first, {k: v for k, v in todo.items() if k.split("-")[0] in keep}
 
 
@@ -140,6 +144,7 @@ def main() -> None:
            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"), "TOKENIZERS_PARALLELISM": "false",
            "PYTHONUNBUFFERED": "1"}
     started = time.time()
+    write_ranks_file(a, out)
     first, todo = jobs(a, seeds, out)
     for cmd in first:
         subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
@@ -184,15 +189,15 @@ def summarise(a, seeds: list[int], out: Path, record: dict, env: dict) -> None:
     done = lambda prefix: [s for s in seeds if record.get(f"{prefix}-{s}", {}).get("ended") == "finished"]  # noqa
     cmds = {}
     for name, spec in compares(a, out).items():
-        if done(name):
-            cmds[name] = compare_command(a, out, name, done(name), spec)
+        if ok := done(name):
+            cmds[name] = compare_command(a, out, name, ok, spec)
     for s in seeds:
         names = [r for i, runs in enumerate(PRIVACY_RUNS)
                  if record.get(f"privacy-{s}-{i}", {}).get("ended") == "finished" for r in runs]
         if names:
             cmds[f"privacy-{s}"] = [*privacy_command(a, s, out), "--runs", ",".join(names)]
     if record.get("scaled", {}).get("ended") == "finished":
-        cmds["scaled"] = [*scaled_command(a, seeds[0], out), "--runs", f"no-dp,z{SCALED_Z}-Cmed-poisson"]
+        cmds["scaled"] = [*privacy_command(a, seeds[0], out, scaled=True), "--runs", ",".join(SCALED_RUNS)]
     procs = {n: subprocess.Popen(c, env=env, stdout=open(out / "logs" / f"summary-{n}.log", "w"),
                                  stderr=subprocess.STDOUT) for n, c in cmds.items()}
     t0 = time.time()

@@ -81,24 +81,24 @@ def main() -> None:
     names = [n for n in a.runs.split(",") if n] or \
         [("no-dp" if float(z) == 0 else f"z{float(z):g}-C{a.clip:g}") for z in (a.noise or "0,0.5,1").split(",")]
     suffix = f"-x{a.canary_repeats}" if a.canary_repeats != 10 else ""
+    runs = {name: parse_run(name) for name in names}  # every name checked before anything trains
+    if None in runs.values():
+        p.error(f"--runs: {', '.join(repr(n) for n, r in runs.items() if r is None)}: each must be no-dp, "
+                f"clip-C<c>, z<z>-C<c> or z<z>-C<c>-poisson (<c> a number or med)")
     rows = []
-    for name in names:
-        m = re.fullmatch(r"no-dp|(clip|z([0-9.]+))-C([0-9.]+|med)(-poisson)?", name)
-        if not m or (m.group(1) == "clip" and m.group(4)):
-            p.error(f"--runs: {name!r} is not no-dp, clip-C<c>, z<z>-C<c> or z<z>-C<c>-poisson")
-        z = float(m.group(2) or 0)
-        clip = (median_norm(out / "runs" / f"no-dp{suffix}") if m.group(3) == "med" else float(m.group(3))) \
-            if m.group(3) else 0.0
+    for name, (z, clip, sampling) in runs.items():
+        if clip == "med":
+            clip = median_norm(out / "runs" / f"no-dp{suffix}")
         dp = z > 0
         run_dir = out / "runs" / (name + suffix)
         cfg = config_mod.load(None, a.set, base_name="the privacy experiment", base={
             "data": {"clients_dir": str(parts)},
             "train": {"lr": 5e-4, "batch_size": 16, "micro_batch_size": 8, "cutoff_len": 256},
             "federation": {"rounds": a.rounds, "clients_per_round": a.per_round, "seed": a.seed,
-                           **({"max_update_norm": clip} if m.group(1) == "clip" else {})},
+                           **({"max_update_norm": clip} if clip and not dp else {})},
             "eval": {"batch_size": 8, "cutoff_len": 512},
             "privacy": {"enabled": True, "noise_multiplier": z, "clipping_norm": clip, "delta": a.delta,
-                        "sampling": "poisson" if m.group(4) else "fixed"} if dp else {},
+                        "sampling": sampling} if dp else {},
             "canary": {"client": canary_client, "count": 5, "repeats": a.canary_repeats, "references": 200},
             "run": {"out": str(run_dir), "progress": False}})
         train_or_reuse(name, cfg, run_dir, out, None, Console(), name)
@@ -106,7 +106,7 @@ def main() -> None:
         evals = [row["eval"]["loss"] for row in rd.events("round") if "eval" in row]
         eps = [row["privacy"]["epsilon"] for row in rd.events("round") if "privacy" in row]
         canary = json.loads((run_dir / "canary.json").read_text())
-        rows.append({"name": name + suffix, "z": z, "clip": clip, "sampling": "poisson" if m.group(4) else "fixed",
+        rows.append({"name": name + suffix, "z": z, "clip": clip, "sampling": sampling,
                      "epsilon": eps[-1] if eps else None, "loss": evals,
                      "exposure": canary["mean_exposure"], "ranks": [c["rank"] for c in canary["canaries"]]})
         print(f"{name}: held-out loss {' -> '.join(f'{x:.4f}' for x in evals)}; mean exposure "
@@ -146,6 +146,17 @@ def main() -> None:
     fig.tight_layout()
     fig.savefig(out / "privacy.png", dpi=120)
     print(f"wrote {out / 'privacy.md'} and {out / 'privacy.png'}")
+
+
+def parse_run(name: str) -> tuple[float, float | str, str] | None:
+    """A run's name -> (noise multiplier z, 0 for none; clipping norm C, 0 for none or "med"; sampling), or
+    None for a name that is not one of the forms in the module's docstring."""
+    number = r"[0-9]*\.?[0-9]+"
+    m = re.fullmatch(rf"no-dp|(clip|z({number}))-C({number}|med)(-poisson)?", name)
+    if not m or (m.group(1) == "clip" and m.group(4)) or (m.group(2) is not None and float(m.group(2)) <= 0):
+        return None
+    clip = m.group(3) if m.group(3) in (None, "med") else float(m.group(3))
+    return float(m.group(2) or 0), clip or 0.0, "poisson" if m.group(4) else "fixed"
 
 
 def median_norm(run_dir: Path) -> float:

@@ -1,5 +1,5 @@
-"""scripts/experiments.py: every command it would start parses as fedit's CLI and the privacy script parse it,
-and --jobs bounds how many run at once (commands are replaced by sleeps; nothing trains)."""
+"""scripts/experiments.py: every command it would start parses as fedit's CLI (valid overrides) or names runs the
+privacy script accepts, and --jobs bounds how many run at once (commands are replaced by sleeps; nothing trains)."""
 
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ def _load(name: str):
 def test_every_command_parses_and_its_overrides_are_valid_config(tmp_path, smoke):
     ex = _load("experiments")
     a = argparse.Namespace(data="d.jsonl", smoke=smoke, extra=["model.dtype=fp32"], only="")
+    ex.write_ranks_file(a, tmp_path)
     first, todo = ex.jobs(a, [42, 43], tmp_path)
     assert {k.rsplit("-", 1)[0] for k in todo if k != "scaled"} >= {"strategies-a", "strategies-b", "gap", "iid",
                                                                     "ranks"}
@@ -40,9 +41,11 @@ def test_every_command_parses_and_its_overrides_are_valid_config(tmp_path, smoke
         config.load(None, args.overrides)  # the overrides shared by all entries are valid keys and values
     gap = next(c for c in fedit_cmds if "gap" in c[c.index("--out") + 1])
     assert "train.max_steps=17" in gap and "short:federation.rounds=28" in gap
-    # the privacy runs' names are what privacy_experiment.py accepts, and each job's data is written first
-    names = [c[c.index("--runs") + 1] for k, cmds in todo.items() if k.startswith("privacy-") for c in cmds]
-    assert sorted(names) == sorted(2 * [n for runs in ex.PRIVACY_RUNS for n in runs])
+    # every run named is one privacy_experiment.py accepts (its own parser), and each job's data is written first
+    parse_run = _load("privacy_experiment").parse_run
+    names = [c[c.index("--runs") + 1] for k, cmds in todo.items() if k.startswith(("privacy-", "scaled")) for c in cmds]
+    assert len(names) == 2 * 6 + 2 and all(parse_run(n) is not None for n in names)
+    assert parse_run("clip-C0.1-poisson") is None and parse_run("z0-C1") is None  # the parser does refuse
     assert sum("--data-only" in c for c in first) == 3  # two seeds and the scaled run
     alpha = (tmp_path / "ranks-alpha.toml").read_text()
     assert alpha.count("[") == (4 if smoke else 20) and "[1]\nr = 4\nalpha = 4\n" in alpha

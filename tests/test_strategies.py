@@ -11,8 +11,8 @@ from __future__ import annotations
 import math
 from types import SimpleNamespace
 
-import pytest
 import numpy as np
+import pytest
 import torch
 
 from fedit.errors import FeditError

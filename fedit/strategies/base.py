@@ -48,20 +48,14 @@ def cover(round_num: int, client_ids: list[int], k: int, seed: int) -> list[int]
     distinct client instead. Seeded by (seed, round) alone, as ``Strategy.select``, so resume picks alike."""
     ids = sorted(client_ids)
     n, k = len(ids), min(k, len(ids))
-    perms: dict[int, list[int]] = {}
-
-    def at(i: int) -> int:
-        p = i // n
-        if p not in perms:
-            perms[p] = [ids[j] for j in np.random.default_rng([seed, COVER_STREAM, p]).permutation(n)]
-        return perms[p][i % n]
-
     picked: list[int] = []
     i = (round_num - 1) * k
-    while len(picked) < k:
-        if at(i) not in picked:
-            picked.append(at(i))
-        i += 1
+    while len(picked) < k:  # at most two permutations are read
+        perm = np.random.default_rng([seed, COVER_STREAM, i // n]).permutation(n)
+        for j in perm[i % n:]:
+            if len(picked) < k and ids[j] not in picked:
+                picked.append(ids[j])
+        i = (i // n + 1) * n
     return sorted(picked)
 
 
