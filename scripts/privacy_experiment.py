@@ -115,10 +115,12 @@ def main() -> None:
                                                  indent=1))
     from fedit.adapter import load_adapter_file
 
-    values = sum(v.numel() for v in load_adapter_file(server.RunDir(out / "runs" / rows[0]["name"]).round_dir(0)).values())
+    # d: the values that train and are noised (a frozen A neither trains nor travels)
+    adapter = load_adapter_file(server.RunDir(out / "runs" / rows[0]["name"]).round_dir(0))
+    values = sum(v.numel() for k, v in adapter.items() if not (cfg.lora.freeze_a and "lora_A" in k))
     lines = [f"Dolly, {a.records} records, {len(ids)} clients (Dirichlet 0.5), {a.rounds} rounds x {a.per_round} "
              f"clients, {cfg.model.name} + LoRA r={cfg.lora.r} on {', '.join(cfg.lora.target_modules)}"
-             f"{' with A frozen' if cfg.lora.freeze_a else ''} ({values:,} adapter values, d); "
+             f"{' with A frozen' if cfg.lora.freeze_a else ''} (d = {values:,} trained values); "
              f"δ = {a.delta:g}; canaries in client {canary_client} "
              f"(selected in {picks[canary_client]} of {a.rounds} rounds).", "",
              "| run | z | C | sampling | ε | held-out loss, rounds 0..R | canary exposure (bits, mean of 5) | "
