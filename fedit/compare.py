@@ -220,11 +220,15 @@ def markdown_seeds(res: dict) -> str:
     pm = lambda s, pct=False: (f"{100 * s['mean']:+.2f}% ± {100 * s['sd']:.2f}" if pct  # noqa: E731
                                else f"{s['mean']:.4f} ± {s['sd']:.4f}")
     n = len(res["seeds"])
-    rows = [["base (untuned)", pm(res["base"]), "", ""], ["centralized", pm(res["centralized"]), "", ""]]
+    chosen = any("selected" in r for r in res["strategies"].values())  # --select: each seed chose on its validation
+    option = lambda name: name.split("__", 1)[1] if "__" in name else "(its defaults)"  # noqa: E731
+    rows = [["base (untuned)", pm(res["base"]), "", "", *[""] * chosen],
+            ["centralized", pm(res["centralized"]), "", "", *[""] * chosen]]
     for label, r in res["strategies"].items():
         vs = (f"{pm(r['vs_fedavg'], True)} (below in {r['vs_fedavg_below']}, above in {r['vs_fedavg_above']} of {n})"
               if "vs_fedavg" in r else "")
-        rows.append([label, pm(r["loss"]), pm(r["gap"], True), vs])
+        rows.append([label, pm(r["loss"]), pm(r["gap"], True), vs,
+                     *([", ".join(option(x) for x in r.get("selected", []))] if chosen else [])])
     cat_lines = []
     for label, r in res["strategies"].items():
         for c, v in (r.get("vs_fedavg_by_category") or {}).items():
@@ -237,7 +241,8 @@ def markdown_seeds(res: dict) -> str:
         f"each seed draws its own split, LoRA init, client selection, data order and validation split. Mean ± "
         f"standard deviation over the seeds; 'below in k of {n}': the seeds whose 95% paired bootstrap interval "
         f"(over the test records) lies wholly below zero (lower loss than FedAvg).", "",
-        report.table(["method", "test loss", "gap to Centralized", "vs FedAvg"], rows), "",
+        report.table(["method", "test loss", "gap to Centralized", "vs FedAvg",
+                      *(["option chosen on validation, per seed"] if chosen else [])], rows), "",
         "Per-category differences against FedAvg that every seed's interval separates from zero:", "",
         *(cat_lines or ["- none"]), "",
         "Each seed's own tables: seed-N/compare.md.", ""])
@@ -414,7 +419,8 @@ def markdown_selected(res: dict) -> str:
         f"validation; every candidate trained with no test data at the server, and each strategy's option was "
         f"chosen by the clients' federated validation loss after the last round (selection.json) before the "
         f"{res['test_records']} test records ({res['test_per_category']} per category) were read. Centralized "
-        f"trained {central_label(res)} on the clients' training splits. Total {res['seconds'] / 60:.1f} min.", "",
+        f"trained {central_label(res)} on the clients' training splits. This invocation took "
+        f"{res['seconds'] / 60:.1f} min (it reuses the runs a former one finished).", "",
         report.table(head, rows), "",
         *category_table(res),
         "Every candidate (the test column was computed after the choice and chose nothing):", "",
@@ -600,7 +606,8 @@ def markdown(res: dict) -> str:
         f"scored at cutoff {c['eval']['cutoff_len'] or c['train']['cutoff_len']} after every round; "
         f"{c['federation']['rounds']} rounds x {c['federation']['clients_per_round']} clients, batch "
         f"{c['train']['batch_size']}, lr {c['train']['lr']:g}, training cutoff {c['train']['cutoff_len']}, "
-        f"LoRA r={c['lora']['r']}; seed {c['federation']['seed']}; total {res['seconds'] / 60:.1f} min.", "",
+        f"LoRA r={c['lora']['r']}; seed {c['federation']['seed']}; this invocation took "
+        f"{res['seconds'] / 60:.1f} min (it reuses the runs a former one finished).", "",
         "Held-out loss per response token after the last round (lower is better); the gaps are relative to "
         "Centralized and to FedAvg (negative: lower loss than it), each with a 95% paired bootstrap interval "
         "over the held-out records.", "",

@@ -248,3 +248,24 @@ def test_seeds_rerun_the_comparison_with_each_seed(tmp_path, tiny_model_dir, rec
     assert (out / "seed-3/data/fedit/client_000.jsonl").read_text() != (out / "seed-4/data/fedit/client_000.jsonl").read_text()
     losses = [json.loads((out / f"seed-{s}/compare.json").read_text())["strategies"]["fedprox"]["loss"] for s in (3, 4)]
     assert res["strategies"]["fedprox"]["loss"]["values"] == losses
+
+
+def test_select_over_seeds_chooses_per_seed_and_spreads_per_category(tmp_path, tiny_model_dir, records_file):
+    # each seed chooses on its own validation; the spread over seeds reads the per-category intervals
+    out = tmp_path / "sel-seeds"
+    compare.compare("smoke", ["fedavg", "fedprox"], data=str(records_file), out=str(out), select=True, seeds=[3, 4],
+                    grids=["fedprox:strategy.proximal_mu=0.1,3"],
+                    overrides=[f"model.name={tiny_model_dir}", "model.dtype=fp32", "model.device=cpu", "lora.r=4",
+                               "run.progress=false", "data.client_validation=0.2", "federation.rounds=1"])
+    res = json.loads((out / "compare-seeds.json").read_text())
+    chosen = [json.loads((out / f"seed-{s}/selection.json").read_text())["strategies"]["fedprox"]["selected"]
+              for s in (3, 4)]
+    assert res["strategies"]["fedprox"]["selected"] == chosen
+    per_seed = [json.loads((out / f"seed-{s}/compare.json").read_text())["strategies"]["fedprox"] for s in (3, 4)]
+    for c, spread in res["strategies"]["fedprox"]["vs_fedavg_by_category"].items():
+        gaps = [r["vs_fedavg_by_category"][c][0] for r in per_seed]
+        assert spread["mean"] == pytest.approx(sum(gaps) / 2)
+        assert spread["below"] == sum(r["vs_fedavg_by_category"][c][2] < 0 for r in per_seed)
+    md = (out / "compare-seeds.md").read_text()
+    assert "option chosen on validation, per seed" in md
+    assert ", ".join(x.split("__")[1] for x in chosen) in md
