@@ -330,8 +330,12 @@ def run(cfg: Config, runtime: Runtime, run_dir: str | Path, *, client_ids: list[
                 if clean is not None:
                     # ‖θ_k − θ‖ before any bound: what max_update_norm and privacy.clipping_norm act on
                     extra["update_norm"] = update_norm(clean.adapter, ins.global_adapter)
-                    out = plan.up(clean, global_adapter) if plan.active and plan.mode == "factors" else clean
-                    drift.add(out.adapter, global_adapter)
+                    mapped = plan.active and plan.mode == "factors"  # the client's slices put back into the global
+                    out = plan.up(clean, global_adapter) if mapped else clean
+                    # each change against where that client started: product mode sends a re-split of the
+                    # global (the same product, other factors), and against the stored factors every change
+                    # would share that difference and point the same way (mean cosine 1.0, measured)
+                    drift.add(out.adapter, global_adapter if mapped else ins.global_adapter)
                 if dropped:
                     extra["metrics_dropped"] = boundary.summary(dropped)
                     log.warning("round %d: client %s: %d metric(s) dropped: %s", r, boundary.describe(cid),

@@ -296,3 +296,33 @@ def test_product_with_fedprox_at_mu_zero_is_product_fedavg_bit_for_bit(tmp_path,
         config.load(None, ["lora.aggregation=product", "federation.strategy=fedadam"])
     with pytest.raises(FeditError, match=r"\(got fedavg with server_learning_rate 0.5\)"):
         config.load(None, ["lora.aggregation=product", "strategy.server_learning_rate=0.5"])
+
+
+def test_product_mode_drift_measures_each_change_from_what_its_client_was_sent(tmp_path, tiny_model_dir,
+                                                                                partition_dir, monkeypatch):
+    """Product mode sends a re-split of the global (same product, other factors). The round's drift compares
+    each change with the adapter that client started from, never with the server's stored factors, which
+    would add one shared difference to every change (the cosines of 1.0 a run on Dolly logged)."""
+    sent, seen = {}, []
+    down, add = hetero.LoraPlan.down, server.Drift.add
+
+    def recording_down(self, ins):
+        out = down(self, ins)
+        sent[(ins.round, ins.client_id)] = out.global_adapter
+        return out
+
+    def recording_add(self, adapter, reference):
+        seen.append(reference)
+        return add(self, adapter, reference)
+
+    monkeypatch.setattr(hetero.LoraPlan, "down", recording_down)
+    monkeypatch.setattr(server.Drift, "add", recording_add)
+    rounds = _run(tmp_path, tiny_model_dir, partition_dir, "product", aggregation="product")
+    r2 = [v for (r, _), v in sent.items() if r == 2]
+    # round 2's clients start from a re-split that differs from the stored round-1 factors (what the bug used)
+    assert r2 and any(not torch.equal(r2[0][k], rounds[1][k]) for k in r2[0])
+    assert len(seen) == len(sent)
+    for ref in seen:
+        assert any(set(ref) == set(v) and all(torch.equal(ref[k], v[k]) for k in v) for v in sent.values())
+    cos = [r["drift"]["mean_cosine"] for r in server.RunDir(tmp_path / "product").events("round") if "drift" in r]
+    assert cos and max(cos) < 0.99, cos
