@@ -109,19 +109,25 @@ def strategy_configs(scale: Scale, strategies: list[str], config_file: str | Non
 
 def compare(scale_name: str, strategies: list[str], data: str = DEFAULT_DATA, out: str | None = None,
             config_file: str | None = None, overrides: list[str] | tuple[str, ...] = (), sets: list[str] = (),
-            console=None, grids: list[str] = (), select: bool = False, seeds: list[int] = ()) -> Path:
+            console=None, grids: list[str] = (), select: bool = False, seeds: list[int] = (),
+            test_rounds: str = "all") -> Path:
     from fedit.data.records import load_records
     from fedit.model import attach_lora, load_base
 
     if scale_name not in SCALES:
         raise FeditError(f"--scale {scale_name!r}: choose one of {', '.join(SCALES)}")
     scale = SCALES[scale_name]
+    if test_rounds not in ("all", "last"):
+        raise FeditError(f"--test-rounds {test_rounds!r}: choose all or last")
+    if test_rounds != "all" and not select:
+        raise FeditError("--test-rounds last is for --select, which scores the test split after training; without "
+                         "it every run scores the test split as it trains (eval.every)")
     if seeds:
         return compare_seeds(scale_name, strategies, data, out, config_file, list(overrides), list(sets), console,
-                             list(grids), select, list(seeds))
+                             list(grids), select, list(seeds), test_rounds)
     if select:
         return compare_selected(scale, strategies, data, out, config_file, list(overrides), list(sets), list(grids),
-                                console)
+                                console, test_rounds)
     if grids:
         raise FeditError("--grid gives the options --select chooses among on validation; add --select (or give one "
                          "value per option with --set)")
@@ -161,7 +167,7 @@ def compare(scale_name: str, strategies: list[str], data: str = DEFAULT_DATA, ou
 
 def compare_seeds(scale_name: str, strategies: list[str], data: str, out: str | None, config_file: str | None,
                   overrides: list[str], sets: list[str], console, grids: list[str], select: bool,
-                  seeds: list[int]) -> Path:
+                  seeds: list[int], test_rounds: str = "all") -> Path:
     """The whole comparison once per seed (the split, the LoRA init, the selection, the data order and the
     validation split all follow it: federation.seed and data.seed), then the spread over seeds beside each
     seed's bootstrap interval (which covers the test records only)."""
@@ -173,7 +179,8 @@ def compare_seeds(scale_name: str, strategies: list[str], data: str, out: str | 
     for seed in seeds:
         say(f"seed {seed} ({len(per_seed) + 1} of {len(seeds)})")
         d = compare(scale_name, strategies, data, str(out_dir / f"seed-{seed}"), config_file,
-                    [*overrides, f"federation.seed={seed}", f"data.seed={seed}"], sets, console, grids, select)
+                    [*overrides, f"federation.seed={seed}", f"data.seed={seed}"], sets, console, grids, select,
+                    test_rounds=test_rounds)
         per_seed[seed] = json.loads((d / "compare.json").read_text())
     result = over_seeds(per_seed)
     atomic_write_json(out_dir / "compare-seeds.json", result)
@@ -251,7 +258,8 @@ def markdown_seeds(res: dict) -> str:
 # ---------------------------------------------------------------- options chosen on validation
 
 def compare_selected(scale: Scale, strategies: list[str], data: str, out: str | None, config_file: str | None,
-                     overrides: list[str], sets: list[str], grids: list[str], console) -> Path:
+                     overrides: list[str], sets: list[str], grids: list[str], console,
+                     test_rounds: str = "all") -> Path:
     """`fedit compare --select`: every candidate of every strategy's grid trained with no test data at the server,
     each strategy's option chosen on federated validation loss and written down, then (only then) the chosen
     runs and Centralized scored on the test split (fedit/selection.py)."""
@@ -308,7 +316,8 @@ def compare_selected(scale: Scale, strategies: list[str], data: str, out: str | 
         "on": f"federated validation loss after the last round ({amount:g} of each client's records)",
         "strategies": chosen})
     say("chosen on validation: " + "; ".join(f"{label}: {c['selected']}" for label, c in chosen.items()))
-    result = _score_selected(out_dir, runs, ds.test_file, loaded, cfg, candidates, chosen, scale, data, amount)
+    result = _score_selected(out_dir, runs, ds.test_file, loaded, cfg, candidates, chosen, scale, data, amount,
+                             every_round=test_rounds == "all")
     result["seconds"] = round(time.perf_counter() - started, 1)
     atomic_write_json(out_dir / "compare.json", result)
     atomic_write(out_dir / "compare.md", markdown_selected(result))
@@ -329,9 +338,11 @@ def _final_validation(run_dir: Path) -> float:
 
 
 def _score_selected(out_dir: Path, runs: Path, test_file: Path, loaded, cfg: Config, candidates: dict, chosen: dict,
-                    scale: Scale, data: str, amount) -> dict:
-    """Test figures, after the choice: base, Centralized, each chosen run per round, every candidate's last
-    round (for the record: how the choice on validation compares with what the test split would have said)."""
+                    scale: Scale, data: str, amount, every_round: bool = True) -> dict:
+    """Test figures, after the choice: base, Centralized, each chosen run per round (or, without
+    ``every_round``, its last round alone: one test pass per run instead of one per round), every candidate's
+    last round (for the record: how the choice on validation compares with what the test split would have
+    said)."""
     import hashlib
 
     from fedit import server
@@ -367,7 +378,8 @@ def _score_selected(out_dir: Path, runs: Path, test_file: Path, loaded, cfg: Con
         name = c["selected"]
         rd = server.RunDir(runs / name)
         val_curve = [[r, e["loss"]] for r, e in server.loss_curve(rd, "validation")]
-        test_curve = [[r, score(rd.round_dir(r))["loss"]] for r, _ in val_curve]
+        test_curve = [[r, score(rd.round_dir(r))["loss"]] for r, _ in val_curve] if every_round else \
+            [[val_curve[-1][0], final[name]["loss"]]]
         point, mcfg = candidates[label][name]
         rows[label] = {
             "strategy": mcfg.federation.strategy, "selected": name, "settings": point,
@@ -375,12 +387,14 @@ def _score_selected(out_dir: Path, runs: Path, test_file: Path, loaded, cfg: Con
             "candidates": {n: {"settings": c["grid"][n], "validation": v, "test": final[n]["loss"]}
                            for n, v in c["validation"].items()},
             "validation_curve": val_curve, "curve": test_curve,
-            "rounds_tau": selection.kendall_tau([v for _, v in val_curve], [x for _, x in test_curve]),
+            "rounds_tau": selection.kendall_tau([v for _, v in val_curve], [x for _, x in test_curve])
+            if every_round else None,
             **scored(final[name], central, fedavg if label != "fedavg" else None, base, categories),
             **traffic(rd.events("client"), len(val_curve) - 1),
         }
     every = [(v, final[n]["loss"]) for c in chosen.values() for n, v in c["validation"].items()]
-    return {"mode": "select", "scale": scale.name, "data": data, "test_records": len(test),
+    return {"mode": "select", "test_rounds": "all" if every_round else "last", "scale": scale.name, "data": data,
+            "test_records": len(test),
             "test_per_category": scale.test_per_category, "client_validation": amount,
             "config": cfg.to_dict(),
             "base": {"loss": base["loss"], "by_category": base["by_category"]},
@@ -392,6 +406,7 @@ def _score_selected(out_dir: Path, runs: Path, test_file: Path, loaded, cfg: Con
 
 
 def markdown_selected(res: dict) -> str:
+    every = res.get("test_rounds", "all") == "all"  # scored after every round (older results say nothing: all)
     cats = sorted(res["base"]["by_category"])
     ci = lambda g, lo, hi: f"{100 * g:+.2f}% ({100 * lo:+.2f}, {100 * hi:+.2f})"  # noqa: E731
     tau = lambda x: "n/a" if x is None else f"{x:+.2f}"  # noqa: E731
@@ -426,8 +441,10 @@ def markdown_selected(res: dict) -> str:
         "Every candidate (the test column was computed after the choice and chose nothing):", "",
         report.table(["strategy", "option", "validation loss", "test loss", ""], cand_rows), "",
         f"Do validation and test agree? Kendall τ between the two losses: over the chosen strategies "
-        f"{tau(res['strategies_tau'])}, over every candidate {tau(res['candidates_tau'])}, over the rounds of each "
-        f"chosen run: " + ", ".join(f"{label} {tau(r['rounds_tau'])}" for label, r in res["strategies"].items())
+        f"{tau(res['strategies_tau'])}, over every candidate {tau(res['candidates_tau'])}"
+        + (", over the rounds of each chosen run: " + ", ".join(f"{label} {tau(r['rounds_tau'])}"
+                                                              for label, r in res["strategies"].items())
+           if every else " (the test split was scored after the last round only: --test-rounds last)")
         + " (1: the same order).", "",
         "Loss per round, validation (left) and test (right, scored after the choice): ![compare](compare.png)", ""])
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -254,7 +255,7 @@ def test_select_over_seeds_chooses_per_seed_and_spreads_per_category(tmp_path, t
     # each seed chooses on its own validation; the spread over seeds reads the per-category intervals
     out = tmp_path / "sel-seeds"
     compare.compare("smoke", ["fedavg", "fedprox"], data=str(records_file), out=str(out), select=True, seeds=[3, 4],
-                    grids=["fedprox:strategy.proximal_mu=0.1,3"],
+                    grids=["fedprox:strategy.proximal_mu=0.1,3"], test_rounds="last",
                     overrides=[f"model.name={tiny_model_dir}", "model.dtype=fp32", "model.device=cpu", "lora.r=4",
                                "run.progress=false", "data.client_validation=0.2", "federation.rounds=1"])
     res = json.loads((out / "compare-seeds.json").read_text())
@@ -266,6 +267,24 @@ def test_select_over_seeds_chooses_per_seed_and_spreads_per_category(tmp_path, t
         gaps = [r["vs_fedavg_by_category"][c][0] for r in per_seed]
         assert spread["mean"] == pytest.approx(sum(gaps) / 2)
         assert spread["below"] == sum(r["vs_fedavg_by_category"][c][2] < 0 for r in per_seed)
+    # --test-rounds last: one test pass per final adapter (base, Centralized, the candidates), none per round
+    # (with every round, round 0's adapter would be scored too)
+    for s in (3, 4):
+        runs = out / f"seed-{s}/runs"
+        finals = {hashlib.sha256((d / "adapter/adapter_model.safetensors").read_bytes()).hexdigest()
+                  for d in runs.iterdir()}
+        assert set(json.loads((out / f"seed-{s}/test_scores.json").read_text())) == {"test_sha256", "base", *finals}
+        assert [x for x, _ in json.loads((out / f"seed-{s}/compare.json").read_text())["strategies"]["fedavg"]
+                ["curve"]] == [1]
     md = (out / "compare-seeds.md").read_text()
     assert "option chosen on validation, per seed" in md
     assert ", ".join(x.split("__")[1] for x in chosen) in md
+
+
+def test_test_rounds_is_checked_before_anything_runs(tmp_path):
+    with pytest.raises(FeditError, match="is for --select"):
+        compare.compare("smoke", ["fedavg"], data=str(tmp_path / "none.jsonl"), out=str(tmp_path / "o"),
+                        test_rounds="last")
+    with pytest.raises(FeditError, match="choose all or last"):
+        compare.compare("smoke", ["fedavg"], data=str(tmp_path / "none.jsonl"), select=True, test_rounds="first")
+    assert not (tmp_path / "o").exists()

@@ -72,6 +72,10 @@ def add_parsers(sub) -> None:
     pc.add_argument("--grid", action="append", default=[], metavar="STRATEGY:section.key=v1,v2,...", dest="grids",
                     help="with --select: the values to choose among for one option of one strategy (or label), "
                          "e.g. fedprox:strategy.proximal_mu=0.001,0.01,0.1; several grids of one strategy multiply")
+    pc.add_argument("--test-rounds", default="all", choices=("all", "last"),
+                    help="with --select: score each chosen run on the test split after every round (all: the test "
+                         "curve and its agreement with validation per round) or after its last round only (last: "
+                         "one test pass per run instead of one per round)")
     pc.add_argument("--seeds", default="", metavar="S1,S2,...",
                     help="run the whole comparison once per seed (split, init, selection, order and validation "
                          "split all follow it) and report the mean and spread over seeds (compare-seeds.md)")
@@ -132,7 +136,7 @@ def compare_command(args: argparse.Namespace, console) -> None:
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     compare.compare(args.scale, strategies, data=args.data or DEFAULT_DATA, out=args.out, config_file=args.config,
                     overrides=args.overrides, sets=args.sets, console=console, grids=args.grids, select=args.select,
-                    seeds=_seeds(args.seeds))
+                    seeds=_seeds(args.seeds), test_rounds=args.test_rounds)
 
 
 def _seeds(text: str) -> list[int]:
