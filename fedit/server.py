@@ -419,12 +419,13 @@ class Drift:
     def __init__(self):
         self.acc: Adapter = {}
         self.k = 0
-        self.usable = True  # changes of other shapes (a client's own rank in product mode) are not comparable
+        self.usable = True  # changes of different shapes (clients' own ranks in product mode) are not comparable
 
     def add(self, adapter: Adapter, reference: Adapter) -> None:
-        if not self.usable or set(adapter) != set(reference) or any(
-                adapter[k].shape != reference[k].shape for k in reference):
-            self.usable = False
+        shapes = {k: v.shape for k, v in reference.items()}
+        if not self.usable or {k: v.shape for k, v in adapter.items()} != shapes or (
+                self.acc and {k: v.shape for k, v in self.acc.items()} != shapes):
+            self.usable = False  # changes of other shapes than the round's others (a client's own rank)
             return
         delta = {k: adapter[k].double() - reference[k].double() for k in sorted(reference)}
         norm = math.sqrt(sum(float(v.pow(2).sum()) for v in delta.values()))

@@ -401,6 +401,12 @@ def test_client_drift_is_the_mean_cosine_between_the_rounds_changes(tmp_path):
     for _ in range(3):
         drift.add({"w": torch.tensor([2.0, -1.0])}, {"w": torch.zeros(2)})
     assert drift.figures([{"accepted": True, "update_norm": 5 ** 0.5}] * 3)["mean_cosine"] == pytest.approx(1.0)
+    # changes of different shapes (clients at their own ranks, each measured from what it was sent) have no
+    # cosine: the round logs no drift, and no reply is refused for it
+    drift = server.Drift()
+    drift.add({"w": torch.ones(2)}, {"w": torch.zeros(2)})
+    drift.add({"w": torch.ones(3)}, {"w": torch.zeros(3)})
+    assert drift.figures([{"accepted": True, "update_norm": 1.0}] * 2) is None
 
 
 def test_each_round_picks_among_the_sites_connected_at_its_start(tmp_path):
