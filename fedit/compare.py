@@ -406,7 +406,7 @@ def _score_selected(out_dir: Path, runs: Path, test_file: Path, loaded, cfg: Con
 
 
 def markdown_selected(res: dict) -> str:
-    every = res.get("test_rounds", "all") == "all"  # scored after every round (older results say nothing: all)
+    per_round = res.get("test_rounds", "all") == "all"  # scored after every round (older results: all)
     cats = sorted(res["base"]["by_category"])
     ci = lambda g, lo, hi: f"{100 * g:+.2f}% ({100 * lo:+.2f}, {100 * hi:+.2f})"  # noqa: E731
     tau = lambda x: "n/a" if x is None else f"{x:+.2f}"  # noqa: E731
@@ -435,17 +435,17 @@ def markdown_selected(res: dict) -> str:
         f"chosen by the clients' federated validation loss after the last round (selection.json) before the "
         f"{res['test_records']} test records ({res['test_per_category']} per category) were read. Centralized "
         f"trained {central_label(res)} on the clients' training splits. This invocation took "
-        f"{res['seconds'] / 60:.1f} min (it reuses the runs a former one finished).", "",
+        f"{res['seconds'] / 60:.1f} min (a rerun reuses the runs that finished).", "",
         report.table(head, rows), "",
         *category_table(res),
         "Every candidate (the test column was computed after the choice and chose nothing):", "",
         report.table(["strategy", "option", "validation loss", "test loss", ""], cand_rows), "",
-        f"Do validation and test agree? Kendall τ between the two losses: over the chosen strategies "
-        f"{tau(res['strategies_tau'])}, over every candidate {tau(res['candidates_tau'])}"
+        f"Do validation and test agree? Kendall τ between the two losses (1: the same order): over the chosen "
+        f"strategies {tau(res['strategies_tau'])}, over every candidate {tau(res['candidates_tau'])}"
         + (", over the rounds of each chosen run: " + ", ".join(f"{label} {tau(r['rounds_tau'])}"
                                                               for label, r in res["strategies"].items())
-           if every else " (the test split was scored after the last round only: --test-rounds last)")
-        + " (1: the same order).", "",
+           if per_round else "; the test split was scored after the last round only (--test-rounds last)") + ".",
+        "",
         "Loss per round, validation (left) and test (right, scored after the choice): ![compare](compare.png)", ""])
 
 
@@ -624,7 +624,7 @@ def markdown(res: dict) -> str:
         f"{c['federation']['rounds']} rounds x {c['federation']['clients_per_round']} clients, batch "
         f"{c['train']['batch_size']}, lr {c['train']['lr']:g}, training cutoff {c['train']['cutoff_len']}, "
         f"LoRA r={c['lora']['r']}; seed {c['federation']['seed']}; this invocation took "
-        f"{res['seconds'] / 60:.1f} min (it reuses the runs a former one finished).", "",
+        f"{res['seconds'] / 60:.1f} min (a rerun reuses the runs that finished).", "",
         "Held-out loss per response token after the last round (lower is better); the gaps are relative to "
         "Centralized and to FedAvg (negative: lower loss than it), each with a 95% paired bootstrap interval "
         "over the held-out records.", "",
