@@ -229,8 +229,9 @@ def markdown_seeds(res: dict) -> str:
     n = len(res["seeds"])
     chosen = any("selected" in r for r in res["strategies"].values())  # --select: each seed chose on its validation
     option = lambda name: name.split("__", 1)[1] if "__" in name else "(its defaults)"  # noqa: E731
-    rows = [["base (untuned)", pm(res["base"]), "", "", *[""] * chosen],
-            ["centralized", pm(res["centralized"]), "", "", *[""] * chosen]]
+    blank = [""] if chosen else []  # no option column without --select
+    rows = [["base (untuned)", pm(res["base"]), "", "", *blank],
+            ["centralized", pm(res["centralized"]), "", "", *blank]]
     for label, r in res["strategies"].items():
         vs = (f"{pm(r['vs_fedavg'], True)} (below in {r['vs_fedavg_below']}, above in {r['vs_fedavg_above']} of {n})"
               if "vs_fedavg" in r else "")

@@ -254,6 +254,7 @@ def run(cfg: Config, runtime: Runtime, run_dir: str | Path, *, client_ids: list[
             hooks.round_end(row)
             report.round(row, [])
         draw = cover if fed.selection == "cover" else strategy.select
+        mapped = plan.active and plan.mode == "factors"  # a client's slices are put back into the global's shape
         for r in range(start, fed.rounds + 1):
             over = dp.over_budget(r) if dp is not None else None
             if not over and patience and best and best["since"] >= patience:
@@ -330,7 +331,6 @@ def run(cfg: Config, runtime: Runtime, run_dir: str | Path, *, client_ids: list[
                 if clean is not None:
                     # ‖θ_k − θ‖ before any bound: what max_update_norm and privacy.clipping_norm act on
                     extra["update_norm"] = update_norm(clean.adapter, ins.global_adapter)
-                    mapped = plan.active and plan.mode == "factors"  # the client's slices put back into the global
                     out = plan.up(clean, global_adapter) if mapped else clean
                     # each change against where that client started: product mode sends a re-split of the
                     # global (the same product, other factors), and against the stored factors every change
@@ -425,7 +425,7 @@ class Drift:
         shapes = {k: v.shape for k, v in reference.items()}
         if not self.usable or {k: v.shape for k, v in adapter.items()} != shapes or (
                 self.acc and {k: v.shape for k, v in self.acc.items()} != shapes):
-            self.usable = False  # changes of other shapes than the round's others (a client's own rank)
+            self.usable = False
             return
         delta = {k: adapter[k].double() - reference[k].double() for k in sorted(reference)}
         norm = math.sqrt(sum(float(v.pow(2).sum()) for v in delta.values()))
