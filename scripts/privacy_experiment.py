@@ -108,6 +108,7 @@ def main() -> None:
         canary = json.loads((run_dir / "canary.json").read_text())
         rows.append({"name": name + suffix, "z": z, "clip": clip, "sampling": sampling,
                      "epsilon": eps[-1] if eps else None, "loss": evals,
+                     "canary_rounds": rounds_joined(run_dir, canary_client),
                      "exposure": canary["mean_exposure"], "ranks": [c["rank"] for c in canary["canaries"]]})
         print(f"{name}: held-out loss {' -> '.join(f'{x:.4f}' for x in evals)}; mean exposure "
               f"{canary['mean_exposure']:.2f} bits", flush=True)
@@ -122,14 +123,15 @@ def main() -> None:
              f"clients, {cfg.model.name} + LoRA r={cfg.lora.r} on {', '.join(cfg.lora.target_modules)}"
              f"{' with A frozen' if cfg.lora.freeze_a else ''} (d = {values:,} trained values); "
              f"δ = {a.delta:g}; canaries in client {canary_client} "
-             f"(selected in {picks[canary_client]} of {a.rounds} rounds).", "",
-             "| run | z | C | sampling | ε | held-out loss, rounds 0..R | canary exposure (bits, mean of 5) | "
-             "canary ranks of 201 |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"(the fixed-size draw selects it in {picks[canary_client]} of {a.rounds} rounds; a Poisson draw "
+             f"in as many as it happens to: the table says how many it took part in).", "",
+             "| run | z | C | sampling | ε | held-out loss, rounds 0..R | canary client's rounds | "
+             "canary exposure (bits, mean of 5) | canary ranks of 201 |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         eps = "∞" if r["epsilon"] is None else f"{r['epsilon']:.2f}"
         lines.append(f"| {r['name']} | {r['z']:g} | {r['clip']:.4g} | {r['sampling']} | {eps} | "
-                     f"{' → '.join(f'{x:.4f}' for x in r['loss'])} | {r['exposure']:.2f} | "
+                     f"{' → '.join(f'{x:.4f}' for x in r['loss'])} | {r['canary_rounds']} of {a.rounds} | {r['exposure']:.2f} | "
                      f"{', '.join(map(str, r['ranks']))} |")
     (out / "privacy.md").write_text("\n".join(lines) + "\n")
     import matplotlib
@@ -159,6 +161,12 @@ def parse_run(name: str) -> tuple[float, float | str, str] | None:
         return None
     clip = m.group(3) if m.group(3) in (None, "med") else float(m.group(3))
     return float(m.group(2) or 0), clip or 0.0, "poisson" if m.group(4) else "fixed"
+
+
+def rounds_joined(run_dir: Path, client: int) -> int:
+    """The rounds a client took part in: with Poisson sampling it is drawn independently each round, so the
+    canary client need not join the rounds the fixed-size draw gives it."""
+    return sum(client in row["clients"] for row in server.RunDir(run_dir).events("round") if row["round"] > 0)
 
 
 def median_norm(run_dir: Path) -> float:
