@@ -20,7 +20,8 @@ and how it ended is in OUT/jobs.json; each job's output in OUT/logs/.
   17 optimizer steps (FedAvg's averaged sequential steps at seed 42);
 - iid: FedAvg and Centralized on an IID split of the same records (data.scheme = "iid");
 - ranks: equal rank 8 and mixed ranks [2, 4, 8, 16], factors and product aggregation, and mixed ranks with
-  alpha_k proportional to r_k (docs/hetero.md);
+  alpha_k = r_k (every client at the global's scaling) and with alpha_k = 2 r_k, the global at alpha 32 (every
+  client at rank 8's scaling: the clean control, docs/hetero.md);
 - privacy: scripts/privacy_experiment.py with its controls (no DP, clip-only at C = 0.1, DP at z = 1 and
   C = 0.1 with fixed and Poisson sampling, clip-only and DP at the median client update norm), 5 x 10 copies
   of canaries;
@@ -57,17 +58,21 @@ SHORT = ["federation.rounds=28", "federation.clients_per_round=2", "train.max_st
 GAP = (["--strategies", "fedavg,cover=fedavg,short=fedavg,short-fedadam=fedadam",
         "--set", "cover:federation.selection=cover",
         *[x for o in SHORT for x in ("--set", f"short:{o}", "--set", f"short-fedadam:{o}")]], ["train.max_steps=17"])
-RANKS = ["--strategies", "fedavg,r8-product=fedavg,mixed=fedavg,mixed-product=fedavg,mixed-alpha=fedavg",
+RANKS = ["--strategies",
+         "fedavg,r8-product=fedavg,mixed=fedavg,mixed-product=fedavg,mixed-alpha=fedavg,mixed-alpha2=fedavg",
          "--set", "r8-product:lora.aggregation=product",
          "--set", "mixed:lora.r=16", "--set", "mixed:lora.client_ranks=[2,4,8,16]",
          "--set", "mixed-product:lora.r=16", "--set", "mixed-product:lora.client_ranks=[2,4,8,16]",
-         "--set", "mixed-product:lora.aggregation=product", "--set", "mixed-alpha:lora.r=16"]
+         "--set", "mixed-product:lora.aggregation=product", "--set", "mixed-alpha:lora.r=16",
+         "--set", "mixed-alpha2:lora.r=16", "--set", "mixed-alpha2:lora.alpha=32"]
 PRIVACY_RUNS = [["no-dp", "clip-Cmed", "z1-Cmed"], ["clip-C0.1"], ["z1-C0.1"], ["z1-C0.1-poisson"]]
 SCALED = ["--min-size", "2", "--delta", "1e-5", "--set", "lora.r=1", "--set", 'lora.target_modules=["q_proj","v_proj"]',
           "--set", "lora.freeze_a=true"]
 SCALED_Z = 0.834  # privacy.calibrate(5, q=0.1, rounds=10, delta=1e-5): the smallest z with ε <= 5 (to 0.1%)
 SCALED_RUNS = ["no-dp", f"z{SCALED_Z}-Cmed-poisson"]  # in this order: Cmed is read from the no-DP run
-RANKS_FILE = "ranks-alpha.toml"
+# mixed-alpha: alpha_k = r_k (every client at the global's scaling 1); mixed-alpha2: alpha_k = 2 r_k with the
+# global at alpha 32 (everyone at FedAvg r8's scaling 2, the clean control of docs/hetero.md)
+RANKS_FILES = {"mixed-alpha": ("ranks-alpha.toml", 1), "mixed-alpha2": ("ranks-alpha2.toml", 2)}
 
 
 def compares(a, out: Path) -> dict[str, tuple[list[str], list[str]]]:
@@ -76,14 +81,16 @@ def compares(a, out: Path) -> dict[str, tuple[list[str], list[str]]]:
     return {**{name: (["--select", *grids], select) for name, grids in STRATEGY_GRIDS.items()},
             "gap": (["--select", *GAP[0]], [*select, *GAP[1]]),
             "iid": (["--select", "--strategies", "fedavg"], [*select, "data.scheme=iid"]),
-            "ranks": ([*RANKS, "--set", f"mixed-alpha:lora.clients_file={out / RANKS_FILE}"], [])}
+            "ranks": ([*RANKS, *[x for run, (f, _) in RANKS_FILES.items()
+                                  for x in ("--set", f"{run}:lora.clients_file={out / f}")]], [])}
 
 
 def write_ranks_file(a, out: Path) -> None:
-    """The mixed-alpha clients' ranks and alphas: alpha_k = lora.alpha * r_k / R = r_k (lora.alpha = R = 16)."""
+    """The mixed-alpha runs' clients files: ranks 2, 4, 8, 16 by client id, alpha_k = m * r_k."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / RANKS_FILE).write_text("".join(f"[{i}]\nr = {[2, 4, 8, 16][i % 4]}\nalpha = {[2, 4, 8, 16][i % 4]}\n\n"
-                                          for i in range(4 if a.smoke else 20)))
+    for f, m in RANKS_FILES.values():
+        (out / f).write_text("".join(f"[{i}]\nr = {[2, 4, 8, 16][i % 4]}\nalpha = {m * [2, 4, 8, 16][i % 4]}\n\n"
+                                     for i in range(4 if a.smoke else 20)))
 
 
 def compare_command(a, out: Path, name: str, seeds: list[int], spec: tuple[list[str], list[str]]) -> list[str]:
