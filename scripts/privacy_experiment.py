@@ -102,13 +102,13 @@ def main() -> None:
             "canary": {"client": canary_client, "count": 5, "repeats": a.canary_repeats, "references": 200},
             "run": {"out": str(run_dir), "progress": False}})
         train_or_reuse(name, cfg, run_dir, out, None, Console(), name)
-        rd = server.RunDir(run_dir)
-        evals = [row["eval"]["loss"] for row in rd.events("round") if "eval" in row]
-        eps = [row["privacy"]["epsilon"] for row in rd.events("round") if "privacy" in row]
+        rounds = list(server.RunDir(run_dir).events("round"))  # the run's round rows, read once
+        evals = [row["eval"]["loss"] for row in rounds if "eval" in row]
+        eps = [row["privacy"]["epsilon"] for row in rounds if "privacy" in row]
         canary = json.loads((run_dir / "canary.json").read_text())
         rows.append({"name": name + suffix, "z": z, "clip": clip, "sampling": sampling,
                      "epsilon": eps[-1] if eps else None, "loss": evals,
-                     "canary_rounds": rounds_joined(run_dir, canary_client),
+                     "canary_rounds": rounds_joined(rounds, canary_client),
                      "exposure": canary["mean_exposure"], "ranks": [c["rank"] for c in canary["canaries"]]})
         print(f"{name}: held-out loss {' -> '.join(f'{x:.4f}' for x in evals)}; mean exposure "
               f"{canary['mean_exposure']:.2f} bits", flush=True)
@@ -163,10 +163,10 @@ def parse_run(name: str) -> tuple[float, float | str, str] | None:
     return float(m.group(2) or 0), clip or 0.0, "poisson" if m.group(4) else "fixed"
 
 
-def rounds_joined(run_dir: Path, client: int) -> int:
-    """The rounds a client took part in: with Poisson sampling it is drawn independently each round, so the
-    canary client need not join the rounds the fixed-size draw gives it."""
-    return sum(client in row["clients"] for row in server.RunDir(run_dir).events("round") if row["round"] > 0)
+def rounds_joined(rounds: list[dict], client: int) -> int:
+    """The rounds (a run's round rows) a client took part in: with Poisson sampling it is drawn independently
+    each round, so the canary client need not join the rounds the fixed-size draw gives it."""
+    return sum(client in row["clients"] for row in rounds if row["round"] > 0)
 
 
 def median_norm(run_dir: Path) -> float:
