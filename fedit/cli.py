@@ -175,5 +175,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def run_script(main_fn, name: str) -> None:
+    """The entry point of a scripts/ experiment: fedit's errors (a missing file, a bad override, a run directory
+    made with other settings) end in one line, as `fedit` prints them, not in a traceback."""
+    try:
+        main_fn()
+    except FeditError as e:
+        sys.exit(f"{name}: error: {e}")
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -40,7 +40,7 @@ from pathlib import Path
 from rich.console import Console
 
 from fedit import config as config_mod
-from fedit.cli import quiet_libraries
+from fedit.cli import quiet_libraries, run_script
 from fedit import server
 from fedit.data import partition
 from fedit.reproduce import train_or_reuse
@@ -75,7 +75,8 @@ def main() -> None:
                        test_per_category=a.test_per_category, seed=a.seed, sample=a.records)
     if a.data_only:
         return
-    ids = [c["id"] for c in partition.read_manifest(parts)["clients"]]
+    clients = partition.read_manifest(parts)["clients"]
+    ids = [c["id"] for c in clients]
     picks = Counter(c for r in range(1, a.rounds + 1) for c in FedAvg().select(r, ids, a.per_round, a.seed))
     canary_client = min(ids, key=lambda c: (-picks[c], c))
     names = [n for n in a.runs.split(",") if n] or \
@@ -119,7 +120,7 @@ def main() -> None:
     # d: the values that train and are noised (a frozen A neither trains nor travels)
     adapter = load_adapter_file(server.RunDir(out / "runs" / rows[0]["name"]).round_dir(0))
     values = sum(v.numel() for k, v in adapter.items() if not (cfg.lora.freeze_a and "lora_A" in k))
-    lines = [f"Dolly, {a.records} records, {len(ids)} clients (Dirichlet 0.5), {a.rounds} rounds x {a.per_round} "
+    lines = [f"Dolly, {sum(c['examples'] for c in clients):,} training records, {len(ids)} clients (Dirichlet 0.5), {a.rounds} rounds x {a.per_round} "
              f"clients, {cfg.model.name} + LoRA r={cfg.lora.r} on {', '.join(cfg.lora.target_modules)}"
              f"{' with A frozen' if cfg.lora.freeze_a else ''} (d = {values:,} trained values); "
              f"δ = {a.delta:g}; canaries in client {canary_client} "
@@ -178,4 +179,4 @@ def median_norm(run_dir: Path) -> float:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main, "privacy_experiment.py")

@@ -34,7 +34,7 @@ from pathlib import Path
 from rich.console import Console
 
 from fedit import config as config_mod
-from fedit.cli import quiet_libraries
+from fedit.cli import quiet_libraries, run_script
 from fedit import server
 from fedit.data import partition
 from fedit.reproduce import train_or_reuse
@@ -135,4 +135,4 @@ def target_loss_of(rd: server.RunDir, adapter_dir: Path) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main, "robustness_experiment.py")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -78,3 +79,16 @@ def test_privacy_report_counts_the_rounds_the_canary_client_joined():
             {"event": "round", "round": 3, "clients": [4, 17]}]
     joined = _load("privacy_experiment").rounds_joined
     assert (joined(rows, 17), joined(rows, 3), joined(rows, 5)) == (2, 2, 0)
+
+
+@pytest.mark.parametrize("script", ["privacy_experiment", "robustness_experiment"])
+def test_experiment_scripts_end_a_user_error_in_one_line(tmp_path, script):
+    # A wrong --data path is fedit's own error (FeditError): one line on stderr naming the script, exit status 1,
+    # no traceback and no --out directory half-made.
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / f"{script}.py"), "--data", str(tmp_path / "no.jsonl"),
+                        "--out", str(out)], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == [f"{script}.py: error: data file {tmp_path / 'no.jsonl'} does not "
+                                             "exist; check the path"]
+    assert not out.exists()
