@@ -164,24 +164,21 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(soft_wrap=True, markup=False, highlight=False)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     quiet_libraries()
+    return guarded(lambda: COMMANDS[args.command](args, console), f"fedit {args.command}")
+
+
+def guarded(run, name: str) -> int:
+    """Run a command; fedit's errors (a missing file, a bad override, a run directory made with other settings)
+    end in one line on stderr and exit status 2, an interrupt in one line and 130, never in a traceback."""
     try:
-        COMMANDS[args.command](args, console)
+        run()
     except FeditError as e:
-        print(f"fedit {args.command}: error: {e}", file=sys.stderr)
+        print(f"{name}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"fedit {args.command}: interrupted", file=sys.stderr)
+        print(f"{name}: interrupted", file=sys.stderr)
         return 130
     return 0
-
-
-def run_script(main_fn, name: str) -> None:
-    """The entry point of a scripts/ experiment: fedit's errors (a missing file, a bad override, a run directory
-    made with other settings) end in one line, as `fedit` prints them, not in a traceback."""
-    try:
-        main_fn()
-    except FeditError as e:
-        sys.exit(f"{name}: error: {e}")
 
 
 if __name__ == "__main__":

@@ -34,15 +34,17 @@ import argparse
 import json
 import re
 import statistics
+import sys
 from collections import Counter
 from pathlib import Path
 
 from rich.console import Console
 
 from fedit import config as config_mod
-from fedit.cli import quiet_libraries, run_script
+from fedit.cli import guarded, quiet_libraries
 from fedit import server
 from fedit.data import partition
+from fedit.errors import FeditError
 from fedit.reproduce import train_or_reuse
 from fedit.strategies import FedAvg
 
@@ -120,8 +122,9 @@ def main() -> None:
     # d: the values that train and are noised (a frozen A neither trains nor travels)
     adapter = load_adapter_file(server.RunDir(out / "runs" / rows[0]["name"]).round_dir(0))
     values = sum(v.numel() for k, v in adapter.items() if not (cfg.lora.freeze_a and "lora_A" in k))
-    lines = [f"Dolly, {sum(c['examples'] for c in clients):,} training records, {len(ids)} clients (Dirichlet 0.5), {a.rounds} rounds x {a.per_round} "
-             f"clients, {cfg.model.name} + LoRA r={cfg.lora.r} on {', '.join(cfg.lora.target_modules)}"
+    lines = [f"Dolly, {sum(c['examples'] for c in clients):,} training records, {len(ids)} clients (Dirichlet 0.5), "
+             f"{a.rounds} rounds x {a.per_round} clients, {cfg.model.name} + LoRA r={cfg.lora.r} on "
+             f"{', '.join(cfg.lora.target_modules)}"
              f"{' with A frozen' if cfg.lora.freeze_a else ''} (d = {values:,} trained values); "
              f"δ = {a.delta:g}; canaries in client {canary_client} "
              f"(the fixed-size draw selects it in {picks[canary_client]} of {a.rounds} rounds; a Poisson draw "
@@ -132,7 +135,8 @@ def main() -> None:
     for r in rows:
         eps = "∞" if r["epsilon"] is None else f"{r['epsilon']:.2f}"
         lines.append(f"| {r['name']} | {r['z']:g} | {r['clip']:.4g} | {r['sampling']} | {eps} | "
-                     f"{' → '.join(f'{x:.4f}' for x in r['loss'])} | {r['canary_rounds']} of {a.rounds} | {r['exposure']:.2f} | "
+                     f"{' → '.join(f'{x:.4f}' for x in r['loss'])} | {r['canary_rounds']} of {a.rounds} | "
+                     f"{r['exposure']:.2f} | "
                      f"{', '.join(map(str, r['ranks']))} |")
     (out / "privacy.md").write_text("\n".join(lines) + "\n")
     import matplotlib
@@ -174,9 +178,9 @@ def median_norm(run_dir: Path) -> float:
     """The median L2 norm of the client changes of a run without clipping (each client line's update_norm)."""
     norms = [c["update_norm"] for c in server.RunDir(run_dir).events("client") if "update_norm" in c]
     if not norms:
-        raise SystemExit(f"{run_dir}: no client update norms; run no-dp first (C = Cmed is read from it)")
+        raise FeditError(f"{run_dir}: no client update norms; run no-dp first (C = Cmed is read from it)")
     return round(statistics.median(norms), 4)
 
 
 if __name__ == "__main__":
-    run_script(main, "privacy_experiment.py")
+    sys.exit(guarded(main, "privacy_experiment.py"))

@@ -29,12 +29,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 from pathlib import Path
 
 from rich.console import Console
 
 from fedit import config as config_mod
-from fedit.cli import quiet_libraries, run_script
+from fedit.cli import guarded, quiet_libraries
 from fedit import server
 from fedit.data import partition
 from fedit.reproduce import train_or_reuse
@@ -135,4 +136,4 @@ def target_loss_of(rd: server.RunDir, adapter_dir: Path) -> dict:
 
 
 if __name__ == "__main__":
-    run_script(main, "robustness_experiment.py")
+    sys.exit(guarded(main, "robustness_experiment.py"))

