@@ -211,6 +211,27 @@ def test_launcher_writes_an_app_with_only_code(tmp_path):
     assert set(conf["config"]) == set(flower.RUN_CONFIG)
 
 
+def test_the_servers_log_reaches_the_operator_while_the_run_goes_on(tmp_path, monkeypatch):
+    """`fedit server` shows the run's log through `flwr log --stream`, a Python program that prints into a pipe.
+    Under flwr_env a line it prints is shown while it still runs, not when 8 KB have piled up or it exits (the
+    deployment test waited two minutes for a round's drop in a shell without PYTHONUNBUFFERED)."""
+    monkeypatch.delenv("PYTHONUNBUFFERED", raising=False)
+    child = subprocess.Popen([sys.executable, "-c", "import sys; print('INFO fedit.flower: round 2: client 1 "
+                              "dropped'); sys.stdin.read()"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, env=flower_cli.flwr_env(tmp_path))
+    shown: list[str] = []
+    threading.Thread(target=flower_cli._follow, args=(child, shown.append), daemon=True).start()
+    try:
+        deadline = time.monotonic() + 30
+        while not shown and time.monotonic() < deadline:
+            time.sleep(0.05)
+        running, seen = child.poll() is None, list(shown)
+    finally:
+        child.stdin.close()
+        child.wait(10)
+    assert running and seen == ["INFO fedit.flower: round 2: client 1 dropped"]
+
+
 # ---------------------------------------------------------------- real deployments on 127.0.0.1
 
 def free_ports(n: int) -> list[int]:

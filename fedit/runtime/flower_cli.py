@@ -103,8 +103,10 @@ def absolute_paths(cfg):
 
 
 def flwr_env(home: Path) -> dict:
+    # PYTHONUNBUFFERED: Flower's commands print with Python's defaults, block-buffered into a pipe, so without it
+    # `flwr log --stream` hands the server's lines on in 8 KB chunks, a minute or more after they were logged
     env = {**os.environ, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
-           "COLUMNS": "200", "NO_COLOR": "1"}
+           "COLUMNS": "200", "NO_COLOR": "1", "PYTHONUNBUFFERED": "1"}
     bindir = str(Path(sys.executable).parent)  # flwr's own commands (flower-superexec, ...) live beside python
     if bindir not in env.get("PATH", "").split(os.pathsep):
         env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
