@@ -220,7 +220,8 @@ def test_the_servers_log_reaches_the_operator_while_the_run_goes_on(tmp_path, mo
                               "dropped'); sys.stdin.read()"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True, env=flower_cli.flwr_env(tmp_path))
     shown: list[str] = []
-    threading.Thread(target=flower_cli._follow, args=(child, shown.append), daemon=True).start()
+    reader = threading.Thread(target=flower_cli._follow, args=(child, shown.append), daemon=True)
+    reader.start()
     try:
         deadline = time.monotonic() + 30
         while not shown and time.monotonic() < deadline:
@@ -228,7 +229,13 @@ def test_the_servers_log_reaches_the_operator_while_the_run_goes_on(tmp_path, mo
         running, seen = child.poll() is None, list(shown)
     finally:
         child.stdin.close()
-        child.wait(10)
+        try:
+            child.wait(10)
+        except subprocess.TimeoutExpired:  # never leave the child behind
+            child.kill()
+            child.wait()
+        reader.join(10)  # it ends at the child's end of output; then its pipe can be closed
+        child.stdout.close()
     assert running and seen == ["INFO fedit.flower: round 2: client 1 dropped"]
 
 
